@@ -1,0 +1,5 @@
+import sys
+
+from mmscope.cli import main
+
+sys.exit(main())

@@ -1,0 +1,175 @@
+"""The only module that touches torch hooks.
+
+``capture``, ``patch`` and ``ablate`` are context managers over *sites* (``lm.layer[3]``,
+``lm.layer[0].mlp.act``, ``vision.layer[1].attn.probs``, ``projector``) resolved by the
+adapter; whatever they add is removed in ``finally``, also when the forward raises
+(the TransformerLens habit). A site's value is its module's main output tensor; a
+``.probs`` site is an attention module's probabilities and switches on eager attention
+for the duration.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mmscope.core.errors import SiteError
+
+if TYPE_CHECKING:
+    from mmscope.models.base import VLM
+
+PatchFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _main(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _probs(output: Any, site: str) -> torch.Tensor:
+    if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
+        raise SiteError(f"{site} gave no attention probabilities (is attention eager?)")
+    return output[1]
+
+
+def _replace(output: Any, value: torch.Tensor, probs: bool) -> Any:
+    if not isinstance(output, tuple):
+        return value
+    index = 1 if probs else 0
+    return output[:index] + (value,) + output[index + 1 :]
+
+
+class Capture(Mapping[str, torch.Tensor]):
+    """What ``capture`` recorded: ``cap[site]`` is the last call's tensor, ``cap.calls(site)``
+    every call's (one per generation step), ``cap.grad(site)`` its gradient after backward."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._grads: dict[str, list[torch.Tensor | None]] = defaultdict(list)
+
+    def __getitem__(self, site: str) -> torch.Tensor:
+        if not self._values.get(site):
+            raise SiteError(f"nothing was captured at {site!r}; did the forward reach it?")
+        return self._values[site][-1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def calls(self, site: str) -> list[torch.Tensor]:
+        return list(self._values.get(site, []))
+
+    def grad(self, site: str) -> torch.Tensor:
+        grads = self._grads.get(site) or []
+        if not grads or grads[-1] is None:
+            raise SiteError(f"no gradient reached {site!r}; run backward inside the block")
+        return grads[-1]  # type: ignore[return-value]
+
+
+def _needs_eager(sites: Sequence[str]) -> bool:
+    return any(site.endswith(".probs") for site in sites)
+
+
+@contextmanager
+def _hooks(
+    vlm: VLM, sites: Sequence[str], make: Callable[[str], Callable[..., Any]]
+) -> Iterator[None]:
+    modules = [(site, vlm.resolve(site)) for site in sites]  # resolve all before adding any
+    with ExitStack() as stack:
+        if _needs_eager(sites):
+            stack.enter_context(vlm.attention("eager"))
+        for site, module in modules:
+            stack.callback(module.register_forward_hook(make(site)).remove)
+        yield
+
+
+@contextmanager
+def capture(
+    vlm: VLM, sites: str | Sequence[str], *, grads: bool = False, detach: bool | None = None
+) -> Iterator[Capture]:
+    """Record the output of each site during the forward passes inside the block.
+
+    Args:
+        sites: one site or several.
+        grads: also record the gradient of each site's output on backward (the tensors are
+            then kept in the graph, not detached).
+        detach: detach recorded values (default: not ``grads``).
+    """
+    names = [sites] if isinstance(sites, str) else list(sites)
+    keep_graph = grads if detach is None else not detach
+    cap = Capture()
+
+    def make(site: str) -> Callable[..., None]:
+        probs = site.endswith(".probs")
+
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            value = _probs(output, site) if probs else _main(output)
+            cap._values[site].append(value if keep_graph else value.detach())
+            if grads and value.requires_grad:
+                slot = len(cap._grads[site])
+                cap._grads[site].append(None)
+
+                def store(grad: torch.Tensor, site: str = site, slot: int = slot) -> None:
+                    cap._grads[site][slot] = grad
+
+                value.register_hook(store)  # lives on the tensor, freed with the graph
+
+        return hook
+
+    with _hooks(vlm, names, make):
+        yield cap
+
+
+@contextmanager
+def patch(vlm: VLM, patches: Mapping[str, PatchFn]) -> Iterator[None]:
+    """Replace each site's output by ``fn(output)`` during the forwards inside the block."""
+
+    def make(site: str) -> Callable[..., Any]:
+        probs = site.endswith(".probs")
+        fn = patches[site]
+
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+            value = _probs(output, site) if probs else _main(output)
+            return _replace(output, fn(value), probs)
+
+        return hook
+
+    with _hooks(vlm, list(patches), make):
+        yield
+
+
+@contextmanager
+def ablate(
+    vlm: VLM,
+    sites: str | Sequence[str],
+    *,
+    positions: Sequence[int] | slice | None = None,
+    units: Sequence[int] | None = None,
+    value: float | torch.Tensor = 0.0,
+) -> Iterator[None]:
+    """Set the output of each site to ``value`` at sequence ``positions`` and feature ``units``
+    (all when ``None``): zero-ablation by default, mean-ablation when given a mean tensor."""
+    names = [sites] if isinstance(sites, str) else list(sites)
+    pos = slice(None) if positions is None else positions
+    index_units = slice(None) if units is None else list(units)
+
+    def fn(out: torch.Tensor) -> torch.Tensor:
+        out = out.clone()
+        if isinstance(pos, slice):
+            sel = out[:, pos]
+            sel[..., index_units] = value if not torch.is_tensor(value) else value.to(out)
+            out[:, pos] = sel
+        else:
+            idx = torch.as_tensor(list(pos), device=out.device)
+            sel = out.index_select(1, idx)
+            sel[..., index_units] = value if not torch.is_tensor(value) else value.to(out)
+            out.index_copy_(1, idx, sel)
+        return out
+
+    with patch(vlm, {site: fn for site in names}):
+        yield

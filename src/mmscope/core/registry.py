@@ -1,0 +1,77 @@
+"""One generic registry for methods, metrics, decoders and model adapters.
+
+``@register("grad_cam", kind="method", family="attribution/cam", paper=..., level=...)``
+adds a class under a key; duplicate keys raise. Lookups never use if/elif string dispatch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from mmscope.core.errors import RegistryError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registered object and what is said about it."""
+
+    key: str
+    kind: str
+    obj: Any
+    family: str = ""
+    paper: str = ""
+    level: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Registry:
+    """A mapping ``(kind, key) -> Entry`` with a decorator to fill it."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], Entry] = {}
+
+    def register(
+        self,
+        key: str,
+        *,
+        kind: str = "method",
+        family: str = "",
+        paper: str = "",
+        level: str = "",
+        **extra: Any,
+    ) -> Callable[[T], T]:
+        """Decorator registering a class (or function) under ``key`` for ``kind``."""
+
+        def decorate(obj: T) -> T:
+            if (kind, key) in self._entries:
+                raise RegistryError(f"{kind} {key!r} is already registered")
+            self._entries[(kind, key)] = Entry(key, kind, obj, family, paper, level, dict(extra))
+            return obj
+
+        return decorate
+
+    def get(self, key: str, kind: str = "method") -> Entry:
+        """The entry for ``key``; an unknown key raises with the known ones listed."""
+        try:
+            return self._entries[(kind, key)]
+        except KeyError:
+            known = ", ".join(sorted(self.keys(kind))) or "none"
+            raise RegistryError(f"unknown {kind} {key!r}; known: {known}") from None
+
+    def keys(self, kind: str = "method") -> list[str]:
+        return [k for (knd, k) in self._entries if knd == kind]
+
+    def entries(self, kind: str | None = None) -> Iterator[Entry]:
+        return (e for (knd, _), e in self._entries.items() if kind is None or knd == kind)
+
+    def unregister(self, key: str, kind: str = "method") -> None:
+        """Remove an entry (for tests and plug-ins that replace one)."""
+        self._entries.pop((kind, key), None)
+
+
+REGISTRY = Registry()
+register = REGISTRY.register

@@ -1,0 +1,54 @@
+"""A fingerprint of everything a method must leave unchanged on a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _hook_count(model: torch.nn.Module) -> int:
+    total = 0
+    for module in model.modules():
+        for name in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+            "_state_dict_hooks",
+            "_load_state_dict_pre_hooks",
+        ):
+            total += len(getattr(module, name, {}))
+    return total
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """Parameters (checksums), hooks, train/eval modes, requires_grad, grad mode, attention."""
+
+    params: tuple[tuple[str, float, tuple[int, ...], torch.dtype], ...]
+    hooks: int
+    modes: tuple[bool, ...]
+    requires_grad: tuple[bool, ...]
+    grad_enabled: bool
+    attention: str
+    grads_present: tuple[bool, ...]
+
+
+def model_state(model: torch.nn.Module) -> ModelState:
+    """Snapshot of ``model`` (and the global grad mode) for before/after comparisons."""
+    with torch.no_grad():
+        params = tuple(
+            (name, float(p.double().sum()) + float(p.double().abs().sum()), tuple(p.shape), p.dtype)
+            for name, p in model.named_parameters()
+        )
+    config = getattr(model, "config", None)
+    return ModelState(
+        params=params,
+        hooks=_hook_count(model),
+        modes=tuple(m.training for m in model.modules()),
+        requires_grad=tuple(p.requires_grad for p in model.parameters()),
+        grad_enabled=torch.is_grad_enabled(),
+        attention=str(getattr(config, "_attn_implementation", "")),
+        grads_present=tuple(p.grad is not None for p in model.parameters()),
+    )

@@ -1,0 +1,100 @@
+"""Contrastive dual encoders: CLIP (Radford et al. 2021)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mmscope.core.errors import InputError
+from mmscope.core.images import ImageLike, load_images
+from mmscope.core.inputs import ImageSpan, Inputs
+from mmscope.core.registry import register
+from mmscope.models.base import VLM
+from mmscope.models.spans import resize_crop_box
+
+_V = "vision_model.encoder.layers"
+_T = "text_model.encoder.layers"
+
+
+@register("clip", kind="adapter", hf_classes=("CLIPModel",))
+class ClipVLM(VLM):
+    """Adapter for ``CLIPModel``. Image tokens live in the vision tower's own sequence:
+    position 0 is the class token, the patches follow in raster order."""
+
+    family = "clip"
+    LAYER_LISTS = {"vision.layer": _V, "text.layer": _T}
+    ATTENTION_ROLES = ("vision.layer.attn", "text.layer.attn")
+    ROLES = {
+        "vision.embed": "vision_model.embeddings",
+        "vision.layer": _V + ".{i}",
+        "vision.layer.attn": _V + ".{i}.self_attn",
+        "vision.layer.mlp": _V + ".{i}.mlp",
+        "vision.layer.mlp.act": _V + ".{i}.mlp.activation_fn",
+        "vision.norm": "vision_model.post_layernorm",
+        "vision.proj": "visual_projection",
+        "text.embed": "text_model.embeddings",
+        "text.layer": _T + ".{i}",
+        "text.layer.attn": _T + ".{i}.self_attn",
+        "text.layer.mlp": _T + ".{i}.mlp",
+        "text.layer.mlp.act": _T + ".{i}.mlp.activation_fn",
+        "text.norm": "text_model.final_layer_norm",
+        "text.proj": "text_projection",
+    }
+
+    def prepare(
+        self, images: ImageLike | Sequence[ImageLike] | None, prompt: str | Sequence[str]
+    ) -> Inputs:
+        """Images (one batch item each) and the texts to compare them with."""
+        texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
+            raise InputError("the prompt is empty; give the text(s) to compare the images with")
+        imgs = load_images(images) if images is not None else []
+        if not imgs:
+            raise InputError("CLIP needs at least one image")
+        try:
+            tensors = dict(
+                self.processor(images=imgs, text=texts, return_tensors="pt", padding=True)
+            )
+        except (ValueError, TypeError) as err:
+            raise InputError(f"the processor refused these inputs: {err}") from None
+        height, width = tensors["pixel_values"].shape[-2:]
+        patch = self.model.config.vision_config.patch_size
+        grid = (height // patch, width // patch)
+        ip = self.processor.image_processor
+        edge = (ip.size or {}).get("shortest_edge")
+        crop = ip.crop_size or {}
+        spans = tuple(
+            (
+                ImageSpan(
+                    1,
+                    1 + grid[0] * grid[1],
+                    grid,
+                    "vision",
+                    resize_crop_box(
+                        im.width, im.height, edge, (crop["height"], crop["width"]) if crop else None
+                    ),
+                ),
+            )
+            for im in imgs
+        )
+        prompt_spans, prompt_tokens = [], []
+        for row, mask in zip(tensors["input_ids"], tensors["attention_mask"]):
+            n = int(mask.sum())
+            prompt_spans.append((1, n - 1))
+            prompt_tokens.append(
+                tuple(self.tokenizer.convert_ids_to_tokens(row[1 : n - 1].tolist()))
+            )
+        return Inputs(
+            tensors=tensors,
+            images=tuple((im,) for im in imgs),
+            image_spans=spans,
+            prompts=tuple(texts),
+            prompt_spans=tuple(prompt_spans),
+            prompt_tokens=tuple(prompt_tokens),
+        )
+
+    @torch.no_grad()
+    def similarity(self, inputs: Inputs) -> torch.Tensor:
+        """Scaled cosine similarities, images x texts (``logits_per_image``)."""
+        return self.forward(inputs).logits_per_image

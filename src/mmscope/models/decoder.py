@@ -1,0 +1,107 @@
+"""Shared ``prepare`` and ``generate`` for decoder-only VLMs whose processor expands one
+image placeholder into a run of image tokens (LLaVA, Qwen2-VL, and their kin)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from mmscope.core.errors import InputError
+from mmscope.core.images import ImageLike
+from mmscope.core.inputs import ImageSpan, Inputs
+from mmscope.models.base import VLM
+from mmscope.models.spans import image_runs, prompt_positions
+
+
+class DecoderVLM(VLM):
+    """Base of decoder adapters. Subclasses give ``image_token_id``, ``_grids``, ``_crop``,
+    ``_template``, ``_placeholder`` and ``_process``."""
+
+    def __init__(self, model: Any, processor: Any, name: str = "") -> None:
+        super().__init__(model, processor, name)
+        tok = self.tokenizer
+        if getattr(tok, "padding_side", "left") != "left":
+            tok.padding_side = "left"  # generation needs left padding; the adapter owns this copy
+
+    @property
+    def image_token_id(self) -> int:
+        raise NotImplementedError
+
+    def _grids(self, tensors: dict[str, Any], n_images: int) -> list[tuple[int, int]]:
+        raise NotImplementedError
+
+    def _crop(self, image: Image.Image) -> tuple[float, float, float, float]:
+        return (0.0, 0.0, float(image.width), float(image.height))
+
+    def _template(self, n_images: int, prompt: str) -> str:
+        raise NotImplementedError
+
+    def _placeholder(self) -> str:
+        raise NotImplementedError
+
+    def _process(self, images: Sequence[Image.Image], texts: list[str]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _chat_text(self, n_images: int, prompt: str, fallback: str) -> str:
+        """The processor's chat template with ``n_images`` images, or ``fallback``."""
+        if getattr(self.processor, "chat_template", None):
+            content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+            messages = [{"role": "user", "content": content}]
+            return str(
+                self.processor.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=False
+                )
+            )
+        return fallback.format(images=self._placeholder() * n_images, prompt=prompt)
+
+    def prepare(
+        self, images: ImageLike | Sequence[ImageLike] | None, prompt: str | Sequence[str]
+    ) -> Inputs:
+        items, prompts = self._batch(images, prompt)
+        texts = [self._template(len(imgs), p) for imgs, p in zip(items, prompts)]
+        flat = [im for imgs in items for im in imgs]
+        try:
+            tensors = self._process(flat, texts)
+        except (ValueError, TypeError) as err:
+            raise InputError(f"the processor refused these inputs: {err}") from None
+        grids = self._grids(tensors, len(flat)) if flat else []
+        spans, prompt_spans, prompt_tokens = [], [], []
+        k = 0
+        for b, imgs in enumerate(items):
+            ids = tensors["input_ids"][b]
+            runs = image_runs(ids, self.image_token_id)
+            if len(runs) != len(imgs):
+                raise InputError(f"found {len(runs)} image-token runs for {len(imgs)} images")
+            item_spans = []
+            for (start, end), image in zip(runs, imgs):
+                item_spans.append(ImageSpan(start, end, grids[k], "lm", self._crop(image)))
+                k += 1
+            spans.append(tuple(item_spans))
+            pspan, ptoks = prompt_positions(
+                self.tokenizer, texts[b], prompts[b], ids, self.image_token_id, runs
+            )
+            prompt_spans.append(pspan)
+            prompt_tokens.append(ptoks)
+        return Inputs(
+            tensors=tensors,
+            images=tuple(tuple(imgs) for imgs in items),
+            image_spans=tuple(spans),
+            prompts=tuple(prompts),
+            prompt_spans=tuple(prompt_spans),
+            prompt_tokens=tuple(prompt_tokens),
+        )
+
+    @torch.no_grad()
+    def generate(self, inputs: Inputs, max_new_tokens: int = 24, **kwargs: Any) -> list[str]:
+        """Greedy (by default) continuation of each batch item, decoded without specials."""
+        kwargs.setdefault("do_sample", False)
+        tok = self.tokenizer
+        kwargs.setdefault("pad_token_id", tok.pad_token_id)
+        out = self.model.generate(
+            **inputs.to(self.device).tensors, max_new_tokens=max_new_tokens, **kwargs
+        )
+        new = out[:, inputs.input_ids.shape[1] :]
+        return [s.strip() for s in tok.batch_decode(new, skip_special_tokens=True)]

@@ -1,0 +1,76 @@
+"""LLaVA-1.5-style models: CLIP vision tower, MLP projector, LLaMA-family language model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from PIL import Image
+
+from mmscope.core.registry import register
+from mmscope.models.decoder import DecoderVLM
+from mmscope.models.spans import resize_crop_box
+
+_V = "model.vision_tower.encoder.layers"
+_L = "model.language_model.layers"
+
+
+@register("llava", kind="adapter", hf_classes=("LlavaForConditionalGeneration",))
+class LlavaVLM(DecoderVLM):
+    """Adapter for ``LlavaForConditionalGeneration`` (Liu et al. 2023, LLaVA-1.5)."""
+
+    family = "llava"
+    LAYER_LISTS = {"vision.layer": _V, "lm.layer": _L}
+    ROLES = {
+        "vision.embed": "model.vision_tower.embeddings",
+        "vision.layer": _V + ".{i}",
+        "vision.layer.attn": _V + ".{i}.self_attn",
+        "vision.layer.mlp": _V + ".{i}.mlp",
+        "vision.layer.mlp.act": _V + ".{i}.mlp.activation_fn",
+        "projector": "model.multi_modal_projector",
+        "lm.embed": "model.language_model.embed_tokens",
+        "lm.layer": _L + ".{i}",
+        "lm.layer.attn": _L + ".{i}.self_attn",
+        "lm.layer.mlp": _L + ".{i}.mlp",
+        "lm.layer.mlp.act": _L + ".{i}.mlp.act_fn",
+        "lm.norm": "model.language_model.norm",
+        "lm_head": "lm_head",
+    }
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def _grids(self, tensors: dict[str, Any], n_images: int) -> list[tuple[int, int]]:
+        height, width = tensors["pixel_values"].shape[-2:]
+        patch = self.model.config.vision_config.patch_size
+        return [(height // patch, width // patch)] * n_images
+
+    def _crop(self, image: Image.Image) -> tuple[float, float, float, float]:
+        ip = self.processor.image_processor
+        size = ip.size or {}
+        edge = size.get("shortest_edge") if getattr(ip, "do_resize", True) else None
+        crop_size = ip.crop_size or {}
+        crop = (
+            (crop_size["height"], crop_size["width"])
+            if getattr(ip, "do_center_crop", False) and crop_size
+            else (edge, edge)
+            if edge
+            else None
+        )
+        if edge is None and "height" in size:  # resized straight to a fixed size: whole image
+            return (0.0, 0.0, float(image.width), float(image.height))
+        return resize_crop_box(image.width, image.height, edge, crop)
+
+    def _template(self, n_images: int, prompt: str) -> str:
+        return self._chat_text(n_images, prompt, fallback="USER: {images}\n{prompt} ASSISTANT:")
+
+    def _placeholder(self) -> str:
+        return str(getattr(self.processor, "image_token", "<image>"))
+
+    def _process(self, images: Sequence[Image.Image], texts: list[str]) -> dict[str, Any]:
+        return dict(
+            self.processor(
+                images=list(images) or None, text=texts, return_tensors="pt", padding=True
+            )
+        )

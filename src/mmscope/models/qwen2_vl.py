@@ -1,0 +1,131 @@
+"""Qwen2-VL: a ViT with 2-D rotary positions over dynamic-resolution patches, a patch merger
+(2x2 neighbouring patches -> one token) as projector, and a Qwen2 language model with M-RoPE.
+
+Differences from LLaVA that the rest of mmscope sees:
+
+- ``pixel_values`` is not ``(B, C, H, W)`` but the flattened patches of all images of the
+  batch, ``(sum_i t_i * h_i * w_i, C * temporal_patch * patch * patch)``, with
+  ``image_grid_thw`` ``(n_images, 3)`` giving each image's patch grid. Grids differ per image
+  and are rarely square; each ``ImageSpan.grid`` is the merged grid ``(h / merge, w / merge)``.
+- The vision tower runs all images of the batch as one sequence (separated by
+  ``cu_seqlens``), so vision activations are ``(n_patches_total, embed_dim)`` and the
+  projector's output is ``(n_image_tokens_total, hidden)`` without a batch axis. Its rows are in
+  the order of the image tokens in ``input_ids`` (item by item, left to right); the merger
+  visits each image's patches in 2x2 blocks, so its rows are in row-major merged-grid order.
+- The processor returns ``mm_token_type_ids`` (0 text, 1 image, 2 video) and the model needs
+  it with images: it computes the M-RoPE position ids from it. ``prepare`` passes every
+  tensor the processor returns through.
+- Attention probabilities: the LM's ``self_attn`` returns ``(output, probs)`` under eager
+  attention, ``probs`` ``(B, heads, T, T)``. The vision blocks' ``attn`` (``VisionAttention``)
+  runs eager attention per image but returns only the output tensor and drops the
+  probabilities, so ``vision.layer.attn`` is not an attention role here: reading vision
+  attention needs recomputing softmax(q k^T) from a hook on ``vision.layer[i].attn`` input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from PIL import Image
+from transformers import Qwen2VLProcessor
+
+from mmscope.core.errors import InputError
+from mmscope.core.registry import register
+from mmscope.models.decoder import DecoderVLM
+
+_V = "model.visual.blocks"
+_L = "model.language_model.layers"
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """``Qwen2VLProcessor`` without its video processor, for machines without torchvision.
+
+    Transformers' Qwen2-VL video processor needs torchvision, and without torchvision the
+    processor's type check of a ``video_processor`` argument (``None`` included) raises, as does
+    ``AutoProcessor.from_pretrained`` on a Qwen2-VL folder. A processor's parts are the
+    parameters of its ``__init__``, so leaving ``video_processor`` out of it gives an image and
+    text processor that behaves exactly like ``Qwen2VLProcessor`` on images (its
+    ``from_pretrained`` loads ``Qwen2VLImageProcessorPil`` and the tokenizer). It saves itself
+    as a plain ``Qwen2VLProcessor``.
+    """
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        chat_template: Any = None,
+        **kw: Any,
+    ) -> None:
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "processor_class": "Qwen2VLProcessor"}
+
+
+@register("qwen2_vl", kind="adapter", hf_classes=("Qwen2VLForConditionalGeneration",))
+class Qwen2VLVLM(DecoderVLM):
+    """Adapter for ``Qwen2VLForConditionalGeneration`` (Wang et al. 2024, Qwen2-VL)."""
+
+    family = "qwen2_vl"
+    LAYER_LISTS = {"vision.layer": _V, "lm.layer": _L}
+    ROLES = {
+        "vision.embed": "model.visual.patch_embed",
+        "vision.layer": _V + ".{i}",
+        "vision.layer.attn": _V + ".{i}.attn",
+        "vision.layer.mlp": _V + ".{i}.mlp",
+        "vision.layer.mlp.act": _V + ".{i}.mlp.act",
+        "projector": "model.visual.merger",
+        "lm.embed": "model.language_model.embed_tokens",
+        "lm.layer": _L + ".{i}",
+        "lm.layer.attn": _L + ".{i}.self_attn",
+        "lm.layer.mlp": _L + ".{i}.mlp",
+        "lm.layer.mlp.act": _L + ".{i}.mlp.act_fn",
+        "lm.norm": "model.language_model.norm",
+        "lm_head": "lm_head",
+    }
+    #: Only the LM returns probabilities; the vision attention returns a bare tensor.
+    ATTENTION_ROLES = ("lm.layer.attn",)
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def merge_size(self) -> int:
+        return int(self.model.config.vision_config.spatial_merge_size)
+
+    @classmethod
+    def load_processor(cls, source: Any, trust_remote_code: bool = False) -> Any:
+        """The image-only processor: the stock one needs torchvision for its video half."""
+        return ImageOnlyQwen2VLProcessor.from_pretrained(source)
+
+    def _grids(self, tensors: dict[str, Any], n_images: int) -> list[tuple[int, int]]:
+        thw = tensors["image_grid_thw"].tolist()
+        if len(thw) != n_images:
+            raise InputError(f"the processor made {len(thw)} image grids for {n_images} images")
+        m = self.merge_size
+        return [(int(h) // m, int(w) // m) for _, h, w in thw]
+
+    def _crop(self, image: Image.Image) -> tuple[float, float, float, float]:
+        # Smart-resize scales the whole image to multiples of patch * merge (a slight change
+        # of aspect ratio at most) and never crops: the grid covers the full image.
+        return (0.0, 0.0, float(image.width), float(image.height))
+
+    def _template(self, n_images: int, prompt: str) -> str:
+        return self._chat_text(
+            n_images,
+            prompt,
+            fallback="<|im_start|>user\n{images}{prompt}<|im_end|>\n<|im_start|>assistant\n",
+        )
+
+    def _placeholder(self) -> str:
+        token = str(getattr(self.processor, "image_token", "<|image_pad|>"))
+        return f"<|vision_start|>{token}<|vision_end|>"
+
+    def _process(self, images: Sequence[Image.Image], texts: list[str]) -> dict[str, Any]:
+        return dict(
+            self.processor(
+                images=list(images) or None, text=texts, return_tensors="pt", padding=True
+            )
+        )

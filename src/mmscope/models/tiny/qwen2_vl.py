@@ -1,0 +1,116 @@
+"""A tiny random-weight Qwen2-VL (real HF classes) for tests: built offline in well under 2 s."""
+
+from __future__ import annotations
+
+import torch
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+from mmscope.models.qwen2_vl import ImageOnlyQwen2VLProcessor, Qwen2VLVLM
+from mmscope.toys.tokenizer import build_tokenizer
+
+PATCH_SIZE = 14
+MERGE_SIZE = 2
+#: Side of one merged token in pixels: smart-resize rounds both sides to a multiple of it.
+FACTOR = PATCH_SIZE * MERGE_SIZE
+#: Qwen's special tokens after pad, unk, bos, eos (``<|video_pad|>`` too: without it the
+#: processor's video id would fall back to ``<unk>`` and mark unknown words as video).
+QWEN_SPECIALS: tuple[str, ...] = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|image_pad|>",
+    "<|vision_end|>",
+    "<|video_pad|>",
+)
+SPECIALS: tuple[str, ...] = ("<|endoftext|>", "<unk>", "<s>", "</s>", *QWEN_SPECIALS)
+WORDS: tuple[str, ...] = tuple(
+    (
+        "a an the is are what which where how many colour color shape object objects image "
+        "picture in on of and left right top bottom red green blue yellow purple circle square "
+        "triangle cross one two three four yes no there describe user assistant . , ?"
+    ).split()
+)
+#: Qwen-style chat: "<|im_start|>user\n{images}{text}<|im_end|>\n<|im_start|>assistant\n", each
+#: image as "<|vision_start|><|image_pad|><|vision_end|>".
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif part['type'] == 'text' %}"
+    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_processor(
+    min_pixels: int = FACTOR * FACTOR, max_pixels: int = 16 * FACTOR * FACTOR
+) -> ImageOnlyQwen2VLProcessor:
+    """Word-level tokenizer + ``Qwen2VLImageProcessorPil`` with a small pixel budget.
+
+    With the defaults a 56x84 (w x h) image keeps its size: grid_thw (1, 6, 4), merged 3x2.
+    """
+    tokenizer = build_tokenizer(WORDS, SPECIALS, add_bos=False)
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        patch_size=PATCH_SIZE,
+        merge_size=MERGE_SIZE,
+        temporal_patch_size=2,
+    )
+    return ImageOnlyQwen2VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
+    )
+
+
+def tiny_qwen2_vl(seed: int = 0) -> Qwen2VLVLM:
+    """A random-weight tiny ``Qwen2VLForConditionalGeneration`` wrapped in its adapter.
+
+    LM: hidden 32, 2 layers, 2 heads (head dim 16, M-RoPE sections 2+3+3 = 8). Vision: embed
+    32, depth 2, 2 heads, patch 14, spatial merge 2, temporal patch 2. Deterministic in ``seed``.
+    """
+    processor = tiny_processor()
+    tok = processor.tokenizer
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    text = {
+        "vocab_size": len(tok),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [2, 3, 3],
+        },
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": None,
+        "eos_token_id": ids["<|im_end|>"],
+    }
+    vision = {
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": 32,  # the merger's output size: the LM's hidden size
+        "num_heads": 2,
+        "mlp_ratio": 2,
+        "patch_size": PATCH_SIZE,
+        "spatial_merge_size": MERGE_SIZE,
+        "temporal_patch_size": 2,
+    }
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    config.architectures = ["Qwen2VLForConditionalGeneration"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2VLForConditionalGeneration(config)
+    model.eval()
+    gen = model.generation_config
+    gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = tok.pad_token_id, ids["<|im_end|>"], None
+    return Qwen2VLVLM(model, processor, name="tiny-qwen2-vl")

@@ -1,0 +1,1 @@
+"""Tiny real Hugging Face models trained on the world, shipped with the package."""

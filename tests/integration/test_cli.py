@@ -1,0 +1,75 @@
+"""The command line: help, one-line errors with exit 2, world export, ask and demo."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmscope.cli import main
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mmscope", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_help_lists_the_commands():
+    out = run("--help")
+    assert out.returncode == 0
+    for command in ("ask", "world", "train-toy", "toys", "demo"):
+        assert command in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["ask", "--model", "toy-nope", "--image", "x.png", "--prompt", "hi"], "unknown model"),
+        (["ask", "--image", "missing.png", "--prompt", "what ?"], "does not exist"),
+    ],
+)
+def test_errors_print_one_line_and_exit_2(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+def test_corrupt_image_and_empty_prompt_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    assert main(["ask", "--image", str(bad), "--prompt", "what ?"]) == 2
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(good)
+    assert main(["ask", "--image", str(good), "--prompt", " "]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "empty" in lines[1]
+
+
+def test_world_sample_writes_a_loadable_dataset(tmp_path):
+    assert main(["world", "sample", "--n", "5", "--out", str(tmp_path)]) == 0
+    from mmscope.world import load_dataset
+
+    samples = load_dataset(tmp_path)
+    assert len(samples) == 5 and (tmp_path / "images" / "00000.png").is_file()
+    line = json.loads((tmp_path / "annotations.jsonl").read_text().splitlines()[0])
+    assert {"image", "objects", "questions", "caption"} <= set(line)
+
+
+def test_ask_answers_with_the_toy(tmp_path):
+    from mmscope.world import Scene, WorldObject, render
+
+    scene = Scene((WorldObject("circle", "red", "large", "top left"),))
+    path = tmp_path / "scene.png"
+    render(scene, 48).image.save(path)
+    out = run("ask", "--image", str(path), "--prompt", "what color is the circle ?", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["answer"] == "red"
+
+
+def test_demo_writes_the_report(tmp_path):
+    assert main(["demo", "--out", str(tmp_path), "--n", "5"]) == 0
+    html = (tmp_path / "index.html").read_text()
+    assert html.count("<img") >= 10 and "what" in html or "is there" in html
