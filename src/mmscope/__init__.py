@@ -3,12 +3,36 @@
 >>> import mmscope
 >>> vlm = mmscope.load("toy-llava")
 >>> inputs = vlm.prepare(image, "what color is the circle ?")
+>>> vlm.generate(inputs)
+
+Heavy modules (torch, transformers) load on first use, so ``mmscope.world`` stays light.
 """
 
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from mmscope.core.errors import MMScopeError
-from mmscope.core.inputs import ImageSpan, Inputs
-from mmscope.core.registry import REGISTRY, register
-from mmscope.models import VLM, load
+
+if TYPE_CHECKING:
+    from mmscope.core.inputs import ImageSpan, Inputs
+    from mmscope.core.registry import REGISTRY, register
+    from mmscope.models import VLM, load
 
 __version__ = "0.1.0"
-__all__ = ["REGISTRY", "ImageSpan", "Inputs", "MMScopeError", "VLM", "load", "register"]
+_LAZY = {
+    "ImageSpan": "mmscope.core.inputs",
+    "Inputs": "mmscope.core.inputs",
+    "REGISTRY": "mmscope.core.registry",
+    "register": "mmscope.core.registry",
+    "VLM": "mmscope.models",
+    "load": "mmscope.models",
+}
+__all__ = ["MMScopeError", "ImageSpan", "Inputs", "REGISTRY", "register", "VLM", "load"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mmscope' has no attribute {name!r}")

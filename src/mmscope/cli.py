@@ -84,6 +84,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _methods(args: argparse.Namespace) -> int:
+    import mmscope.models  # noqa: F401  (registers the adapters)
+    from mmscope.core.registry import REGISTRY
+    from mmscope.core.taxonomy import tree
+
+    methods = [
+        (e.level, e.key, e.family, e.paper) for e in REGISTRY.entries() if e.kind != "adapter"
+    ]
+    print("\n".join(tree(methods)))
+    adapters = sorted(c for e in REGISTRY.entries("adapter") for c in e.extra["hf_classes"])
+    print("\nmodel adapters: " + ", ".join(adapters))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmscope", description="Explain and interpret multimodal large language models."
@@ -123,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--n", type=int, default=2000)
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=_toys_eval)
+
+    methods = sub.add_parser("methods", help="list every registered method by survey level")
+    methods.set_defaults(handler=_methods)
 
     demo = sub.add_parser("demo", help="run the main job on a toy model and write a report")
     demo.add_argument("--model", default="toy-llava")

@@ -20,7 +20,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_the_commands():
     out = run("--help")
     assert out.returncode == 0
-    for command in ("ask", "world", "train-toy", "toys", "demo"):
+    for command in ("ask", "world", "train-toy", "toys", "demo", "methods"):
         assert command in out.stdout
 
 

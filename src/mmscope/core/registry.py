@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from mmscope.core.errors import RegistryError
+from mmscope.core.taxonomy import LEVELS
 
 T = TypeVar("T")
 
@@ -45,6 +46,9 @@ class Registry:
         **extra: Any,
     ) -> Callable[[T], T]:
         """Decorator registering a class (or function) under ``key`` for ``kind``."""
+
+        if level and level not in LEVELS:
+            raise RegistryError(f"level {level!r} of {key!r} is not one of {', '.join(LEVELS)}")
 
         def decorate(obj: T) -> T:
             if (kind, key) in self._entries:

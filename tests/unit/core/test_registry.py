@@ -7,7 +7,9 @@ from mmscope.core.registry import Registry
 def test_register_and_get_keeps_metadata():
     reg = Registry()
 
-    @reg.register("saliency", family="attribution/gradient", paper="Simonyan 2014", level="io")
+    @reg.register(
+        "saliency", family="attribution/gradient", paper="Simonyan 2014", level="data/input-output"
+    )
     class Saliency:
         pass
 
@@ -16,7 +18,7 @@ def test_register_and_get_keeps_metadata():
     assert (entry.family, entry.paper, entry.level) == (
         "attribution/gradient",
         "Simonyan 2014",
-        "io",
+        "data/input-output",
     )
     assert reg.keys() == ["saliency"]
 
@@ -45,3 +47,18 @@ def test_adapters_are_registered_by_hf_class():
     assert {"LlavaForConditionalGeneration", "CLIPModel", "Qwen2VLForConditionalGeneration"} <= set(
         classes
     )
+
+
+def test_level_must_be_one_of_the_survey_levels():
+    reg = Registry()
+    with pytest.raises(RegistryError, match="not one of"):
+        reg.register("x", level="model/nonsense")
+
+
+def test_tree_puts_entries_under_their_level():
+    from mmscope.core.taxonomy import tree
+
+    lines = tree([("model/layer", "causal_tracing", "layer/patching", "Meng et al. 2022")])
+    i = lines.index("  layer")
+    assert lines[i + 1].split()[0] == "causal_tracing"
+    assert "  token  (nothing yet)" in lines
