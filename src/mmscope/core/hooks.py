@@ -159,17 +159,16 @@ def ablate(
     index_units = slice(None) if units is None else list(units)
 
     def fn(out: torch.Tensor) -> torch.Tensor:
+        # batched outputs are (batch, seq, ...); unbatched ones (Qwen2-VL's vision) (seq, ...)
+        seq_dim = 1 if out.dim() >= 3 else 0
         out = out.clone()
         if isinstance(pos, slice):
-            sel = out[:, pos]
-            sel[..., index_units] = value if not torch.is_tensor(value) else value.to(out)
-            out[:, pos] = sel
+            index = torch.arange(out.shape[seq_dim], device=out.device)[pos]
         else:
-            idx = torch.as_tensor(list(pos), device=out.device)
-            sel = out.index_select(1, idx)
-            sel[..., index_units] = value if not torch.is_tensor(value) else value.to(out)
-            out.index_copy_(1, idx, sel)
-        return out
+            index = torch.as_tensor(list(pos), device=out.device, dtype=torch.long)
+        sel = out.index_select(seq_dim, index)
+        sel[..., index_units] = value.to(out) if torch.is_tensor(value) else value
+        return out.index_copy(seq_dim, index, sel)
 
     with patch(vlm, {site: fn for site in names}):
         yield

@@ -120,3 +120,18 @@ def test_bad_sites_raise_site_error(tiny_llava):
 def test_mlp_activation_modules_are_distinct_per_layer(tiny_llava):
     acts = [tiny_llava.resolve(f"lm.layer[{i}].mlp.act") for i in range(2)]
     assert acts[0] is not acts[1]
+
+
+def test_ablate_unbatched_vision_tokens_of_qwen(tiny_qwen2_vl):
+    from PIL import Image
+
+    inputs = tiny_qwen2_vl.prepare(Image.new("RGB", (56, 84), (200, 30, 30)), "what color is it ?")
+    site = "vision.layer[0]"
+    with torch.no_grad():
+        with capture(tiny_qwen2_vl, site) as plain:
+            tiny_qwen2_vl.forward(inputs)
+        with ablate(tiny_qwen2_vl, site, positions=[0, 2]), capture(tiny_qwen2_vl, site) as cut:
+            tiny_qwen2_vl.forward(inputs)
+    a, b = plain[site], cut[site]
+    assert a.dim() == 2  # (vision tokens, dim): no batch axis
+    assert torch.all(b[[0, 2]] == 0) and torch.equal(a[1], b[1]) and torch.equal(a[3:], b[3:])
