@@ -77,14 +77,20 @@ def _needs_eager(sites: Sequence[str]) -> bool:
 
 @contextmanager
 def _hooks(
-    vlm: VLM, sites: Sequence[str], make: Callable[[str], Callable[..., Any]]
+    vlm: VLM,
+    sites: Sequence[str],
+    make: Callable[[str], Callable[..., Any]],
+    prepend: bool = False,
 ) -> Iterator[None]:
+    """Add ``make(site)`` as a forward hook at every site; ``prepend`` puts it before the
+    module's other hooks (transformers records ``hidden_states`` with hooks of its own, which
+    must see a patched output)."""
     modules = [(site, vlm.resolve(site)) for site in sites]  # resolve all before adding any
     with ExitStack() as stack:
         if _needs_eager(sites):
             stack.enter_context(vlm.attention("eager"))
         for site, module in modules:
-            stack.callback(module.register_forward_hook(make(site)).remove)
+            stack.callback(module.register_forward_hook(make(site), prepend=prepend).remove)
         yield
 
 
@@ -139,7 +145,7 @@ def patch(vlm: VLM, patches: Mapping[str, PatchFn]) -> Iterator[None]:
 
         return hook
 
-    with _hooks(vlm, list(patches), make):
+    with _hooks(vlm, list(patches), make, prepend=True):
         yield
 
 

@@ -67,6 +67,48 @@ class Inputs:
     def pixel_values(self) -> torch.Tensor:
         return self.tensors["pixel_values"]
 
+    def tile(self, n: int) -> Inputs:
+        """The whole batch repeated ``n`` times (item order b0, b1, ..., b0, b1, ...).
+
+        Every tensor is tiled along its first axis, which keeps per-image tensors (LLaVA's
+        ``(images, 3, H, W)``, Qwen2-VL's flattened patches and grids) in step with the items.
+        """
+        if n < 1:
+            raise ValueError("tile needs n >= 1")
+        tiled = {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in self.tensors.items()}
+        return replace(
+            self,
+            tensors=tiled,
+            images=self.images * n,
+            image_spans=self.image_spans * n,
+            prompts=self.prompts * n,
+            prompt_spans=self.prompt_spans * n,
+            prompt_tokens=self.prompt_tokens * n,
+        )
+
+    def extend(self, ids: torch.Tensor, keep: torch.Tensor | None = None) -> Inputs:
+        """Teacher forcing: ``ids`` ``(batch, k)`` appended to every item's sequence.
+
+        ``keep`` (bool, same shape) marks real tokens; the rest are padding after the item's
+        end, which causal attention never lets earlier positions see. Other per-token tensors
+        (``mm_token_type_ids``) are extended with zeros.
+        """
+        seq = self.input_ids
+        if ids.dim() != 2 or ids.shape[0] != seq.shape[0]:
+            raise ValueError(
+                f"extend needs ids of shape ({seq.shape[0]}, k), got {tuple(ids.shape)}"
+            )
+        keep = torch.ones_like(ids, dtype=torch.bool) if keep is None else keep
+        out: dict[str, Any] = dict(self.tensors)
+        for key, value in self.tensors.items():
+            if key == "input_ids":
+                out[key] = torch.cat([value, ids.to(value)], dim=1)
+            elif key == "attention_mask":
+                out[key] = torch.cat([value, keep.to(value)], dim=1)
+            elif value.shape == seq.shape:
+                out[key] = torch.cat([value, torch.zeros_like(ids).to(value)], dim=1)
+        return replace(self, tensors=out)
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Inputs:
         """A copy on ``device``; floating tensors are cast to ``dtype`` when given."""
         moved: dict[str, Any] = {}

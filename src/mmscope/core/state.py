@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -52,3 +54,26 @@ def model_state(model: torch.nn.Module) -> ModelState:
         attention=str(getattr(config, "_attn_implementation", "")),
         grads_present=tuple(p.grad is not None for p in model.parameters()),
     )
+
+
+@contextmanager
+def preserved(model: torch.nn.Module) -> Iterator[None]:
+    """Run a method on ``model`` in eval mode with frozen parameters, then put back every
+    module's mode, every ``requires_grad`` flag and the grad mode, also when it raises.
+
+    Methods take gradients with ``torch.autograd.grad`` only, so no ``.grad`` is written.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    grad_enabled = torch.is_grad_enabled()
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        torch.set_grad_enabled(grad_enabled)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from mmscope.core.errors import InputError, SiteError
 from mmscope.core.images import ImageLike, load_images
-from mmscope.core.inputs import Inputs
+from mmscope.core.inputs import ImageSpan, Inputs
 
 _SITE = re.compile(r"\[(-?\d+)\]")
 
@@ -31,6 +31,21 @@ def parse_site(site: str) -> tuple[str, int | None]:
     return role, (int(indices[0]) if indices else None)
 
 
+def _install_transformers_hooks(model: torch.nn.Module) -> None:
+    """Install now the output-recording hooks that transformers (>= 5) adds on a model's first
+    forward that records outputs and then keeps for good. Installed up front, they are part of
+    the state every method finds and leaves, not a change made by whichever method ran first.
+    """
+    try:
+        from transformers import PreTrainedModel
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # older transformers: nothing is installed lazily
+        return
+    for module in model.modules():  # top-down: a parent's install covers its sub-models
+        if isinstance(module, PreTrainedModel):
+            maybe_install_capturing_hooks(module)
+
+
 class VLM:
     """Adapter base class. Subclasses set ``ROLES`` and implement ``prepare``.
 
@@ -40,6 +55,8 @@ class VLM:
     """
 
     family: ClassVar[str] = ""
+    #: True for dual encoders (CLIP): they score image-text pairs and generate nothing.
+    contrastive: ClassVar[bool] = False
     ROLES: ClassVar[dict[str, str]] = {}
     LAYER_LISTS: ClassVar[dict[str, str]] = {}
     #: Roles whose module returns a tuple: index of the main tensor and of attention weights.
@@ -49,6 +66,7 @@ class VLM:
         self.model: Any = model  # a transformers PreTrainedModel
         self.processor = processor
         self.name = name or type(model).__name__
+        _install_transformers_hooks(model)
 
     @classmethod
     def load_processor(cls, source: Any, trust_remote_code: bool = False) -> Any:
@@ -133,6 +151,81 @@ class VLM:
             yield
         finally:
             self.model.set_attn_implementation(before)
+
+    # ----- what attribution methods reach: image patches, image tokens, prompt tokens -----
+    #: Site whose output holds every image token as the model's next stage sees it.
+    IMAGE_TOKENS_SITE: ClassVar[str] = "projector"
+    #: Site whose output holds the prompt's token embeddings (positions: ``prompt_spans``).
+    TEXT_EMBED_SITE: ClassVar[str] = "lm.embed"
+    #: Default layer for class activation maps: the vision tower's last block.
+    CAM_SITE: ClassVar[str] = "vision.layer[-1]"
+
+    @staticmethod
+    def flat_spans(inputs: Inputs) -> list[ImageSpan]:
+        """Every image's span, in item order then image order (the order of the pixels)."""
+        return [span for item in inputs.image_spans for span in item]
+
+    def pixel_grid(self, values: torch.Tensor, inputs: Inputs) -> list[torch.Tensor]:
+        """Sum a tensor shaped like ``pixel_values`` over channels and each patch: one
+        ``(rows, cols)`` map per image on its span's grid. Here ``(images, C, H, W)``."""
+        per_pixel = values.sum(1)
+        out = []
+        for image, span in zip(per_pixel, self.flat_spans(inputs)):
+            rows, cols = span.grid
+            h, w = image.shape[0] // rows, image.shape[1] // cols
+            out.append(image[: rows * h, : cols * w].reshape(rows, h, cols, w).sum((1, 3)))
+        return out
+
+    def pixel_rows(self, inputs: Inputs) -> list[int]:
+        """How many leading rows of ``pixel_values`` each image has (one each here)."""
+        return [1] * len(self.flat_spans(inputs))
+
+    @property
+    def pixel_range(self) -> float:
+        """Range of a normalised pixel value: 1 / std of the processor (mean over channels)."""
+        std = getattr(getattr(self.processor, "image_processor", None), "image_std", None)
+        return float(len(std) / sum(std)) if std else 2.0
+
+    def pixel_values_of(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """``pixel_values`` of other images (a baseline), laid out as ``prepare`` lays them."""
+        out = self.processor.image_processor(images=list(images), return_tensors="pt")
+        return out["pixel_values"].to(self.device, self.dtype)
+
+    def mask_pixels(
+        self,
+        values: torch.Tensor,
+        inputs: Inputs,
+        keep: torch.Tensor,
+        fill: float | torch.Tensor = 0.0,
+    ) -> torch.Tensor:
+        """``pixel_values`` with each grid cell blended to ``fill`` by ``1 - keep``.
+
+        ``keep``: ``(images, rows, cols)`` in [0, 1], one grid per image (all images of a
+        batch share a grid here). ``fill`` 0 is the processor's mean colour.
+        """
+        rows, cols = keep.shape[-2:]
+        h, w = values.shape[-2] // rows, values.shape[-1] // cols
+        up = keep.to(values).repeat_interleave(h, 1).repeat_interleave(w, 2).unsqueeze(1)
+        return values * up + (1 - up) * fill
+
+    def image_tokens(self, value: torch.Tensor) -> torch.Tensor:
+        """``IMAGE_TOKENS_SITE``'s output as ``(all image tokens, dim)`` in span order."""
+        return value.reshape(-1, value.shape[-1])
+
+    def with_image_tokens(self, value: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``image_tokens``: ``value`` with its image tokens replaced."""
+        return tokens.reshape(value.shape)
+
+    def vision_grid(self, value: torch.Tensor, inputs: Inputs) -> list[torch.Tensor]:
+        """A vision-tower layer's output as one ``(rows, cols, dim)`` grid per image.
+
+        CLIP-style towers: position 0 is the class token, the patches follow in raster order.
+        """
+        out = []
+        for tokens, span in zip(value, self.flat_spans(inputs)):
+            rows, cols = span.grid
+            out.append(tokens[-rows * cols :].reshape(rows, cols, -1))
+        return out
 
     # ----- helpers for subclasses --------------------------------------------------------
     @staticmethod

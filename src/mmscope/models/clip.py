@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -23,6 +24,12 @@ class ClipVLM(VLM):
     position 0 is the class token, the patches follow in raster order."""
 
     family = "clip"
+    contrastive = True
+    IMAGE_TOKENS_SITE = "vision.embed"
+    TEXT_EMBED_SITE = "text.embed"
+    #: The last block's patch outputs never reach the pooled class token (pytorch-grad-cam
+    #: also takes the penultimate block of a ViT).
+    CAM_SITE = "vision.layer[-2]"
     LAYER_LISTS = {"vision.layer": _V, "text.layer": _T}
     ATTENTION_ROLES = ("vision.layer.attn", "text.layer.attn")
     ROLES = {
@@ -93,6 +100,20 @@ class ClipVLM(VLM):
             prompt_spans=tuple(prompt_spans),
             prompt_tokens=tuple(prompt_tokens),
         )
+
+    def __init__(self, model: Any, processor: Any, name: str = "") -> None:
+        super().__init__(model, processor, name)
+        # CLIP's text tower uses absolute positions and pools at the end-of-text token: texts
+        # must be padded on the right (the spans below assume it too).
+        self.tokenizer.padding_side = "right"
+
+    def image_tokens(self, value: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings (class token dropped) as ``(all patches, dim)``."""
+        return value[:, 1:].reshape(-1, value.shape[-1])
+
+    def with_image_tokens(self, value: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        patches = tokens.reshape(value.shape[0], -1, value.shape[-1])
+        return torch.cat([value[:, :1], patches], dim=1)
 
     @torch.no_grad()
     def similarity(self, inputs: Inputs) -> torch.Tensor:

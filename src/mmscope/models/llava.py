@@ -38,6 +38,12 @@ class LlavaVLM(DecoderVLM):
     }
 
     @property
+    def CAM_SITE(self) -> str:  # type: ignore[override]  # noqa: N802  (the base's class constant)
+        """The vision layer the projector reads (LLaVA-1.5: the penultimate)."""
+        layer = self.model.config.vision_feature_layer
+        return f"vision.layer[{layer[-1] if isinstance(layer, (list, tuple)) else layer}]"
+
+    @property
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
 

@@ -27,10 +27,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from PIL import Image
 from transformers import Qwen2VLProcessor
 
 from mmscope.core.errors import InputError
+from mmscope.core.inputs import Inputs
 from mmscope.core.registry import register
 from mmscope.models.decoder import DecoderVLM
 
@@ -86,6 +88,9 @@ class Qwen2VLVLM(DecoderVLM):
     }
     #: Only the LM returns probabilities; the vision attention returns a bare tensor.
     ATTENTION_ROLES = ("lm.layer.attn",)
+    #: The merger layer-normalises the last block's patches, which makes sum(grad * act) vanish
+    #: there: CAMs read the block before.
+    CAM_SITE = "vision.layer[-2]"
 
     @property
     def image_token_id(self) -> int:
@@ -106,6 +111,49 @@ class Qwen2VLVLM(DecoderVLM):
             raise InputError(f"the processor made {len(thw)} image grids for {n_images} images")
         m = self.merge_size
         return [(int(h) // m, int(w) // m) for _, h, w in thw]
+
+    def _blocks(self, values: torch.Tensor, inputs: Inputs) -> list[torch.Tensor]:
+        """Flattened patch rows per image as ``(t, rows, cols, merge * merge, ...)``: the
+        processor orders each image's patches by merged cell, then within the 2x2 block."""
+        out, start = [], 0
+        m = self.merge_size
+        for t, h, w in inputs.tensors["image_grid_thw"].tolist():
+            n = t * h * w
+            out.append(values[start : start + n].reshape(t, h // m, w // m, m * m, -1))
+            start += n
+        return out
+
+    def pixel_rows(self, inputs: Inputs) -> list[int]:
+        return [t * h * w for t, h, w in inputs.tensors["image_grid_thw"].tolist()]
+
+    def pixel_grid(self, values: torch.Tensor, inputs: Inputs) -> list[torch.Tensor]:
+        return [block.sum((0, 3, 4)) for block in self._blocks(values, inputs)]
+
+    def mask_pixels(
+        self,
+        values: torch.Tensor,
+        inputs: Inputs,
+        keep: torch.Tensor,
+        fill: float | torch.Tensor = 0.0,
+    ) -> torch.Tensor:
+        per_row = [
+            keep[i]
+            .to(values)[None, :, :, None, None]
+            .expand_as(block)
+            .reshape(-1, values.shape[-1])
+            for i, block in enumerate(self._blocks(values, inputs))
+        ]
+        up = torch.cat(per_row)
+        return values * up + (1 - up) * fill
+
+    def vision_grid(self, value: torch.Tensor, inputs: Inputs) -> list[torch.Tensor]:
+        m = self.merge_size
+        grids = []
+        for block in self._blocks(value, inputs):
+            t, rows, cols = block.shape[:3]
+            cells = block.reshape(t, rows, cols, m, m, -1).mean(0)
+            grids.append(cells.permute(0, 2, 1, 3, 4).reshape(rows * m, cols * m, -1))
+        return grids
 
     def _crop(self, image: Image.Image) -> tuple[float, float, float, float]:
         # Smart-resize scales the whole image to multiples of patch * merge (a slight change

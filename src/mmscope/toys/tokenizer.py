@@ -15,11 +15,13 @@ def build_tokenizer(
     specials: Sequence[str] = SPECIALS,
     add_bos: bool = True,
     add_eos: bool = False,
+    padding_side: str = "left",
 ) -> PreTrainedTokenizerFast:
     """A whitespace word-level tokenizer: ids 0.. are ``specials`` then ``words``.
 
     ``specials`` must start with pad, unk, bos, eos (in that order); the rest are extra
-    special tokens such as the image placeholder.
+    special tokens such as the image placeholder. Decoders pad on the left (generation),
+    CLIP on the right (absolute positions, pooled at the end-of-text token).
     """
     vocab: dict[str, int] = {}
     for token in list(specials) + sorted(set(words) - set(specials)):
@@ -42,5 +44,5 @@ def build_tokenizer(
         bos_token=bos,
         eos_token=eos,
         extra_special_tokens=list(specials[4:]) or None,
-        padding_side="left",
+        padding_side=padding_side,
     )

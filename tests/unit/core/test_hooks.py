@@ -135,3 +135,14 @@ def test_ablate_unbatched_vision_tokens_of_qwen(tiny_qwen2_vl):
     a, b = plain[site], cut[site]
     assert a.dim() == 2  # (vision tokens, dim): no batch axis
     assert torch.all(b[[0, 2]] == 0) and torch.equal(a[1], b[1]) and torch.equal(a[3:], b[3:])
+
+
+def test_patch_reaches_what_transformers_records(tiny_llava, inputs):
+    """LLaVA reads its vision layer through transformers' own recording hooks; a patch must
+    run before them, or it would silently change nothing."""
+    site = tiny_llava.CAM_SITE  # the layer the projector reads
+    with torch.no_grad():
+        clean = tiny_llava.forward(inputs).logits
+        with patch(tiny_llava, {site: lambda h: h * 0 + 5}):
+            patched = tiny_llava.forward(inputs).logits
+    assert not torch.allclose(clean, patched)
