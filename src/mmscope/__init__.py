@@ -16,8 +16,19 @@ from typing import TYPE_CHECKING, Any
 from mmscope.core.errors import MMScopeError
 
 if TYPE_CHECKING:
+    from mmscope.core.explanation import Explanation
     from mmscope.core.inputs import ImageSpan, Inputs
     from mmscope.core.registry import REGISTRY, register
+    from mmscope.core.targets import (
+        AnswerLogProb,
+        Contrast,
+        Generated,
+        Predicted,
+        Similarity,
+        Token,
+        TokenId,
+    )
+    from mmscope.methods.explain import attribution_methods, explain
     from mmscope.models import VLM, load
 
 __version__ = "0.1.0"
@@ -28,8 +39,41 @@ _LAZY = {
     "register": "mmscope.core.registry",
     "VLM": "mmscope.models",
     "load": "mmscope.models",
+    "Explanation": "mmscope.core.explanation",
+    "explain": "mmscope.methods.explain",
+    "attribution_methods": "mmscope.methods.explain",
+    **{
+        name: "mmscope.core.targets"
+        for name in (
+            "AnswerLogProb",
+            "Contrast",
+            "Generated",
+            "Predicted",
+            "Similarity",
+            "Token",
+            "TokenId",
+        )
+    },
 }
-__all__ = ["MMScopeError", "ImageSpan", "Inputs", "REGISTRY", "register", "VLM", "load"]
+__all__ = [
+    "MMScopeError",
+    "ImageSpan",
+    "Inputs",
+    "REGISTRY",
+    "register",
+    "VLM",
+    "load",
+    "Explanation",
+    "explain",
+    "attribution_methods",
+    "AnswerLogProb",
+    "Contrast",
+    "Generated",
+    "Predicted",
+    "Similarity",
+    "Token",
+    "TokenId",
+]
 
 
 def __getattr__(name: str) -> Any:

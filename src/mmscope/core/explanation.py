@@ -1,0 +1,193 @@
+"""``Explanation``: the one result type of every attribution method.
+
+Scores are kept per batch item over named axes: for each image of the item a map over its
+patch grid, and a score per prompt token, each with a leading *output* axis (one row per
+explained output: one for most targets, one per generated token for ``Generated``).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from mmscope.core.errors import InputError
+from mmscope.core.inputs import ImageSpan
+
+
+@dataclass(frozen=True, eq=False)
+class Explanation:
+    """Attribution scores of one method for a batch.
+
+    Attributes:
+        method: registry key of the method.
+        settings: the method's settings.
+        target: the target, as text.
+        labels: per item, the name of each explained output.
+        image_scores: per item, per image, an array ``(outputs, rows, cols)``.
+        text_scores: per item, an array ``(outputs, prompt tokens)``.
+        prompt_tokens: per item, the prompt's tokens.
+        spans: per item, per image, its span (grid and crop box of the original image).
+        images: per item, the original images (kept for overlays, not serialised).
+        extras: method-specific numbers, e.g. ``completeness_gap`` per item and output.
+    """
+
+    method: str
+    settings: dict[str, Any]
+    target: str
+    labels: tuple[tuple[str, ...], ...]
+    image_scores: tuple[tuple[np.ndarray, ...], ...]
+    text_scores: tuple[np.ndarray, ...]
+    prompt_tokens: tuple[tuple[str, ...], ...]
+    spans: tuple[tuple[ImageSpan, ...], ...]
+    images: tuple[tuple[Image.Image, ...], ...] = field(default=(), repr=False)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.labels)
+
+    def _check(self, item: int, output: int) -> None:
+        if not 0 <= item < self.batch_size:
+            raise InputError(f"item {item} is out of range for a batch of {self.batch_size}")
+        if not 0 <= output < len(self.labels[item]):
+            raise InputError(f"output {output} is out of range: {len(self.labels[item])} outputs")
+
+    def image_map(self, image: int = 0, *, item: int = 0, output: int = 0) -> np.ndarray:
+        """The ``(rows, cols)`` map of one image over its patch grid."""
+        self._check(item, output)
+        if not 0 <= image < len(self.image_scores[item]):
+            raise InputError(f"item {item} has {len(self.image_scores[item])} image(s)")
+        return self.image_scores[item][image][output]
+
+    def text_map(self, *, item: int = 0, output: int = 0) -> list[tuple[str, float]]:
+        """``(token, score)`` for every prompt token."""
+        self._check(item, output)
+        scores = self.text_scores[item][output] if self.text_scores[item].size else []
+        return list(zip(self.prompt_tokens[item], map(float, scores)))
+
+    def heatmap(
+        self, image: int = 0, *, item: int = 0, output: int = 0, size: tuple[int, int] | None = None
+    ) -> np.ndarray:
+        """The map in the original image's pixels ``(height, width)``: bilinear over the region
+        the processor kept (its crop box), zero outside it. ``size`` (w, h) overrides the
+        original size."""
+        grid = self.image_map(image, item=item, output=output).astype(np.float32)
+        original = self.images[item][image].size if self.images else None
+        width, height = size or original or (grid.shape[1] * 16, grid.shape[0] * 16)
+        left, top, right, bottom = self.spans[item][image].crop
+        if right <= left or bottom <= top or original is None:
+            left, top, right, bottom = 0.0, 0.0, float(width), float(height)
+        else:  # the crop box is in original pixels; rescale it to the requested size
+            sx, sy = width / original[0], height / original[1]
+            left, right, top, bottom = left * sx, right * sx, top * sy, bottom * sy
+        box_w, box_h = max(1, round(right - left)), max(1, round(bottom - top))
+        scaled = Image.fromarray(grid, mode="F").resize((box_w, box_h), Image.Resampling.BILINEAR)
+        out = np.zeros((height, width), dtype=np.float32)
+        x0, y0 = round(left), round(top)
+        patch = np.asarray(scaled)[: height - y0, : width - x0]
+        out[y0 : y0 + patch.shape[0], x0 : x0 + patch.shape[1]] = patch
+        return out
+
+    def plot(self, *, item: int = 0, output: int = 0, image: int = 0, ax: Any = None) -> Any:
+        """Overlay the heatmap on the original image and list the prompt-word scores."""
+        from mmscope.report.figures import plot_explanation
+
+        return plot_explanation(self, item=item, output=output, image=image, ax=ax)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible content (images are left out)."""
+        return {
+            "method": self.method,
+            "settings": self.settings,
+            "target": self.target,
+            "labels": [list(lab) for lab in self.labels],
+            "image_scores": [[m.tolist() for m in item] for item in self.image_scores],
+            "text_scores": [t.tolist() for t in self.text_scores],
+            "prompt_tokens": [list(t) for t in self.prompt_tokens],
+            "spans": [
+                [
+                    {
+                        "start": s.start,
+                        "end": s.end,
+                        "grid": list(s.grid),
+                        "sequence": s.sequence,
+                        "crop": list(s.crop),
+                    }
+                    for s in item
+                ]
+                for item in self.spans
+            ],
+            "extras": _jsonable(self.extras),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Explanation:
+        """Inverse of ``to_dict`` (without the images)."""
+        spans = tuple(
+            tuple(
+                ImageSpan(s["start"], s["end"], tuple(s["grid"]), s["sequence"], tuple(s["crop"]))
+                for s in item
+            )
+            for item in d["spans"]
+        )
+        return cls(
+            method=d["method"],
+            settings=dict(d["settings"]),
+            target=d["target"],
+            labels=tuple(tuple(lab) for lab in d["labels"]),
+            image_scores=tuple(
+                tuple(np.asarray(m, dtype=np.float32) for m in item) for item in d["image_scores"]
+            ),
+            text_scores=tuple(np.asarray(t, dtype=np.float32) for t in d["text_scores"]),
+            prompt_tokens=tuple(tuple(t) for t in d["prompt_tokens"]),
+            spans=spans,
+            extras=dict(d.get("extras", {})),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``to_dict`` as JSON; a ``.png`` path writes the overlay figure instead."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".png":
+            fig = self.plot().figure
+            fig.savefig(path, dpi=100, bbox_inches="tight")
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+        else:
+            path.write_text(json.dumps(self.to_dict()) + "\n")
+        return path
+
+    def _repr_html_(self) -> str:
+        buf = io.BytesIO()
+        fig = self.plot().figure
+        fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        data = base64.b64encode(buf.getvalue()).decode()
+        caption = html.escape(f"{self.method}: {self.target}")
+        return (
+            f'<figure><img src="data:image/png;base64,{data}"/>'
+            f"<figcaption>{caption}</figcaption></figure>"
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value

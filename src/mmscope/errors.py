@@ -1,0 +1,27 @@
+"""The typed errors mmscope raises (``mmscope.errors.InputError``, ...)."""
+
+from mmscope.core.errors import (
+    ImageError,
+    ImageTooLargeError,
+    InputError,
+    MMScopeError,
+    OfflineError,
+    RegistryError,
+    SiteError,
+    UnknownModelError,
+    UnsupportedArchitectureError,
+    WeightsError,
+)
+
+__all__ = [
+    "ImageError",
+    "ImageTooLargeError",
+    "InputError",
+    "MMScopeError",
+    "OfflineError",
+    "RegistryError",
+    "SiteError",
+    "UnknownModelError",
+    "UnsupportedArchitectureError",
+    "WeightsError",
+]

@@ -1,0 +1,314 @@
+"""Attention attributions: raw attention, attention rollout and Chefer et al.'s relevance.
+
+Each reads attention probabilities (``<stack>[i].attn.probs``; eager attention for the forward)
+and forms, per explained output, a *query row*: how much the output's position draws on every
+position of the sequence. The rows are split into one grid per image and one score per prompt
+token. Decoders (LLaVA, Qwen2-VL) read the language model's layers at ``bound.positions[k]``
+(averaged over them). CLIP reads the vision tower at the class token (row 0) over its patches,
+and the text tower at the end-of-text row (the last non-pad position) over the prompt tokens;
+one text shared by several images is repeated so that every image has its own copy.
+
+``extras`` per item and output: ``image_mass`` and ``prompt_mass`` (the row's sum over the
+image tokens and over the prompt tokens) and ``total`` (its sum over the whole sequence; CLIP:
+the vision tower's). Outputs past an item's own count (``Generated`` answers of different
+lengths in one batch) are zero. Padded keys get no attention, hence no relevance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+
+from mmscope.core.errors import InputError
+from mmscope.core.hooks import capture, patch
+from mmscope.core.inputs import Inputs
+from mmscope.core.registry import register
+from mmscope.core.targets import BoundTarget
+from mmscope.methods.attribution.base import Attribution, Maps, prompt_rows
+from mmscope.methods.attribution.gradients import batched_grads
+
+if TYPE_CHECKING:
+    from mmscope.models.base import VLM
+
+LEVEL = "model/architecture"
+FAMILY = "attribution/attention"
+FUSIONS = ("mean", "max", "min")
+
+
+@dataclass(frozen=True)
+class Side:
+    """One attention stack and its query rows: ``query`` ``(k, batch, T)``, each row the mean
+    of the one-hots of the output's query positions (zero for an item's missing outputs)."""
+
+    stack: str
+    query: torch.Tensor
+
+
+def _check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{name} must be an integer, not {value!r}")
+    return value
+
+
+def _check_head(head: int | str) -> int | str:
+    if isinstance(head, str) and head not in FUSIONS:
+        raise InputError(f"head must be an integer or one of {', '.join(FUSIONS)}, not {head!r}")
+    return head if isinstance(head, str) else _check_int("head", head)
+
+
+def _one_hot(positions: list[list[tuple[int, ...]]], length: int) -> torch.Tensor:
+    """``positions[k][b]`` -> ``(k, batch, length)`` rows averaging those positions."""
+    out = torch.zeros(len(positions), len(positions[0]), length)
+    for k, per_item in enumerate(positions):
+        for b, pos in enumerate(per_item):
+            for p in pos:
+                if not 0 <= p < length:
+                    raise InputError(f"query position {p} is outside a sequence of {length}")
+                out[k, b, p] += 1.0 / len(pos)
+    return out
+
+
+def _paired(inputs: Inputs) -> Inputs:
+    """CLIP: one text per image (a single text is repeated for every image)."""
+    n = inputs.batch_size
+    if len(inputs.prompts) == n:
+        return inputs
+    tensors = {
+        key: value if key == "pixel_values" else value.repeat(n, *[1] * (value.dim() - 1))
+        for key, value in inputs.tensors.items()
+    }
+    return replace(
+        inputs,
+        tensors=tensors,
+        prompts=inputs.prompts * n,
+        prompt_spans=inputs.prompt_spans * n,
+        prompt_tokens=inputs.prompt_tokens * n,
+    )
+
+
+def plan(vlm: VLM, bound: BoundTarget) -> tuple[Inputs, list[Side]]:
+    """The inputs to run and the stacks to read: ``[lm]`` for decoders, ``[vision, text]``
+    for CLIP (image maps come from the first side, prompt scores from the last)."""
+    inputs, k = bound.inputs, bound.k
+    valid = [[j < len(labels) for labels in bound.labels] for j in range(k)]
+    if vlm.contrastive:
+        inputs = _paired(inputs)
+        mask = inputs.attention_mask
+        last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # last non-pad position
+        n_vision = max(span.end for span in vlm.flat_spans(inputs))  # class token + patches
+        sides = [
+            Side("vision.layer", _one_hot([[(0,)] * inputs.batch_size] * k, n_vision)),
+            Side("text.layer", _one_hot([[(int(t),) for t in last]] * k, mask.shape[1])),
+        ]
+    else:
+        if len(bound.positions) != k or not all(bound.positions):
+            raise InputError("this target names no query positions for attention methods")
+        rows = [[tuple(pos)] * inputs.batch_size for pos in bound.positions]
+        sides = [Side("lm.layer", _one_hot(rows, inputs.input_ids.shape[1]))]
+    keep = torch.tensor(valid, dtype=torch.float32).unsqueeze(-1)
+    sides = [replace(s, query=s.query * keep) for s in sides]
+    for side in sides:
+        if f"{side.stack}.attn" not in vlm.ATTENTION_ROLES or f"{side.stack}.attn" not in vlm.ROLES:
+            raise InputError(f"{vlm.name} exposes no attention probabilities in {side.stack}")
+    return inputs, sides
+
+
+def _layers(vlm: VLM, stack: str, layer: int | str, start: int = 0) -> list[int]:
+    n = vlm.num_layers(stack)
+    if layer == "all":
+        if not 0 <= start < n:
+            raise InputError(f"start_layer {start} is out of range for {stack} with {n} layers")
+        return list(range(start, n))
+    if layer == "mean":
+        return list(range(n))
+    index = _check_int("layer", layer)
+    if not -n <= index < n:
+        raise InputError(f"layer {index} is out of range for {stack} with {n} layers")
+    return [index % n]
+
+
+def _sites(stack: str, layers: list[int]) -> list[str]:
+    return [f"{stack}[{i}].attn.probs" for i in layers]
+
+
+def _heads_ok(vlm: VLM, stack: str, head: int | str) -> None:
+    """Raise before any forward when an integer head is out of range."""
+    if isinstance(head, str):
+        return
+    module = vlm.resolve(f"{stack}[0].attn")
+    n = getattr(module, "num_heads", None) or getattr(
+        getattr(module, "config", None), "num_attention_heads", None
+    )
+    if isinstance(n, int) and not -n <= head < n:
+        raise InputError(f"head {head} is out of range for {stack} with {n} heads")
+
+
+def fuse(probs: torch.Tensor, head: int | str) -> torch.Tensor:
+    """``(batch, heads, T, T)`` -> ``(batch, T, T)``: one head, or the heads' mean/max/min."""
+    probs = probs.float()
+    if head == "mean":
+        return probs.mean(1)
+    if head == "max":
+        return probs.amax(1)
+    if head == "min":
+        return probs.amin(1)
+    n = probs.shape[1]
+    if not isinstance(head, int) or not -n <= head < n:
+        raise InputError(f"head {head!r} is out of range for {n} heads")
+    return probs[:, head]
+
+
+def _probs(vlm: VLM, inputs: Inputs, sites: list[str]) -> dict[str, torch.Tensor]:
+    with torch.no_grad(), capture(vlm, sites) as cap:
+        vlm.forward(inputs)
+    return {site: cap[site] for site in sites}
+
+
+def split(vlm: VLM, bound: BoundTarget, text_inputs: Inputs, rows: list[torch.Tensor]) -> Maps:
+    """Query rows (image side first, text side last) -> per-image grids and prompt scores."""
+    image_rows, text_rows = rows[0], rows[-1]
+    k = image_rows.shape[0]
+    image, image_mass = [], []
+    for b, item in enumerate(bound.inputs.image_spans):
+        grids = [image_rows[:, b, s.start : s.end].reshape(k, *s.grid) for s in item]
+        image.extend(grids)
+        image_mass.append(sum((g.sum((-2, -1)) for g in grids), image_rows.new_zeros(k)).tolist())
+    text = prompt_rows(text_inputs, text_rows)
+    return Maps(
+        image,
+        text,
+        {
+            "image_mass": image_mass,
+            "prompt_mass": [t.sum(-1).tolist() for t in text],
+            "total": image_rows.sum(-1).T.tolist(),
+        },
+    )
+
+
+class QueryRows(Attribution):
+    """Base of the attention methods: ``rows`` gives the query rows, ``attribute`` splits them."""
+
+    def rows(self, vlm: VLM, bound: BoundTarget) -> tuple[Inputs, list[torch.Tensor]]:
+        """The inputs run (CLIP: texts paired) and each side's rows ``(k, batch, T)``."""
+        raise NotImplementedError
+
+    def attribute(self, vlm: VLM, bound: BoundTarget) -> Maps:
+        inputs, rows = self.rows(vlm, bound)
+        return split(vlm, bound, inputs, rows)
+
+
+@register("raw_attention", family=FAMILY, paper="Clark et al. 2019", level=LEVEL)
+class RawAttention(QueryRows):
+    """The attention probabilities from the output's query row(s) to every image patch token
+    and prompt token, at one ``layer`` (or the ``"mean"`` over layers), for one ``head`` (or the
+    heads' ``"mean"``/``"max"``/``"min"``) (as read in Clark et al. 2019, "What does BERT look
+    at?"). No gradient; the same for every target with the same query positions.
+    """
+
+    def __init__(self, layer: int | str = -1, head: int | str = "mean") -> None:
+        if layer != "mean":
+            _check_int("layer", layer)
+        self.layer, self.head = layer, _check_head(head)
+
+    def rows(self, vlm: VLM, bound: BoundTarget) -> tuple[Inputs, list[torch.Tensor]]:
+        inputs, sides = plan(vlm, bound)
+        layers = {s.stack: _layers(vlm, s.stack, self.layer) for s in sides}
+        for side in sides:
+            _heads_ok(vlm, side.stack, self.head)
+        probs = _probs(vlm, inputs, [x for s in sides for x in _sites(s.stack, layers[s.stack])])
+        rows = []
+        for side in sides:
+            sites = _sites(side.stack, layers[side.stack])
+            mean = sum((fuse(probs.pop(x), self.head) for x in sites), torch.zeros(())) / len(sites)
+            rows.append(torch.einsum("kbt,bts->kbs", side.query.to(mean), mean))
+        return inputs, rows
+
+
+@register("attention_rollout", family=FAMILY, paper="Abnar & Zuidema 2020", level=LEVEL)
+class AttentionRollout(QueryRows):
+    """Attention rollout (Abnar & Zuidema 2020, "Quantifying attention flow in transformers").
+
+    R = M_L ... M_1 with M_l = (1 - residual) A_l + residual I, rows renormalised, A_l the
+    heads' ``head`` fusion (the paper: mean; ``max``/``min`` as in jacobgil/vit-explain), layers
+    from ``start_layer`` on. The query rows are computed as q M_L ... M_1 from the last layer
+    down (the same numbers as R's rows, without the T x T product); each sums to 1.
+    """
+
+    def __init__(
+        self, head: int | str = "mean", residual: float = 0.5, start_layer: int = 0
+    ) -> None:
+        if not isinstance(residual, (int, float)) or not 0.0 <= float(residual) < 1.0:
+            raise InputError(f"residual must be in [0, 1), not {residual!r}")
+        if _check_int("start_layer", start_layer) < 0:
+            raise InputError(f"start_layer must be >= 0, not {start_layer}")
+        self.head, self.residual, self.start_layer = _check_head(head), float(residual), start_layer
+
+    def rows(self, vlm: VLM, bound: BoundTarget) -> tuple[Inputs, list[torch.Tensor]]:
+        inputs, sides = plan(vlm, bound)
+        layers = {s.stack: _layers(vlm, s.stack, "all", self.start_layer) for s in sides}
+        for side in sides:
+            _heads_ok(vlm, side.stack, self.head)
+        probs = _probs(vlm, inputs, [x for s in sides for x in _sites(s.stack, layers[s.stack])])
+        rows = []
+        for side in sides:
+            r = side.query.to(vlm.device)
+            eye = torch.eye(r.shape[-1], device=r.device)
+            for site in reversed(_sites(side.stack, layers[side.stack])):
+                m = (1 - self.residual) * fuse(probs.pop(site), self.head) + self.residual * eye
+                r = torch.einsum("kbt,bts->kbs", r, m / m.sum(-1, keepdim=True))
+            rows.append(r)
+        return inputs, rows
+
+
+def _leaf(out: torch.Tensor) -> torch.Tensor:
+    """Make the embeddings require grad (so every attention map does, frozen weights or not)."""
+    return out if out.requires_grad else out.detach().requires_grad_(True)
+
+
+@register("chefer_relevance", family=FAMILY, paper="Chefer et al. 2021", level=LEVEL)
+class CheferRelevance(QueryRows):
+    """Generic attention-model relevance (Chefer et al. 2021, "Generic attention-model
+    explainability for interpreting bi-modal and encoder-decoder transformers"), self-attention
+    rule over one sequence holding the image and text spans.
+
+    R = I; for each layer l >= ``start_layer`` in order, Abar_l = mean_heads((dA_l * A_l)^+)
+    with dA_l = d target / d A_l, and R += Abar_l R. Read: the query rows of R - I (removing the
+    identity only changes a query position's own entry; query positions are never image or
+    prompt tokens for the shipped targets). Every output k has its own dA from one forward and
+    one batched backward. Computed as r = q, r += r Abar_l from the last layer down (equal to
+    q R, as R = (I + Abar_L) ... (I + Abar_1)), freeing each layer's A and dA once used: only
+    the (k, batch, T) rows are kept, never a T x T matrix per layer or per output.
+    """
+
+    def __init__(self, start_layer: int = 0) -> None:
+        if _check_int("start_layer", start_layer) < 0:
+            raise InputError(f"start_layer must be >= 0, not {start_layer}")
+        self.start_layer = start_layer
+
+    def rows(self, vlm: VLM, bound: BoundTarget) -> tuple[Inputs, list[torch.Tensor]]:
+        inputs, sides = plan(vlm, bound)
+        per_side = [_sites(s.stack, _layers(vlm, s.stack, "all", self.start_layer)) for s in sides]
+        sites = [x for xs in per_side for x in xs]
+        embeds = [vlm.TEXT_EMBED_SITE] + ([vlm.IMAGE_TOKENS_SITE] if vlm.contrastive else [])
+        leaves = patch(vlm, {e: _leaf for e in embeds})
+        with torch.enable_grad(), leaves, capture(vlm, sites, detach=False) as cap:
+            scores = bound(vlm.forward(inputs))
+            maps = [cap[x] for x in sites]
+            grads: list[torch.Tensor | None] = list(batched_grads(scores, maps))
+        probs: list[torch.Tensor | None] = list(maps)
+        del cap, scores, maps  # the only other references: each map is freed once used
+        rows, offset = [], 0
+        for side, xs in zip(sides, per_side):
+            q = r = side.query.to(vlm.device)
+            for i in reversed(range(offset, offset + len(xs))):
+                a, g = probs[i], grads[i]
+                probs[i] = grads[i] = None
+                if a is None or g is None:
+                    continue
+                abar = (g.float() * a.detach().float()).clamp(min=0).mean(2)  # (k, batch, T, T)
+                r = r + torch.einsum("kbt,kbts->kbs", r, abar)
+            rows.append(r - q)
+            offset += len(xs)
+        return inputs, rows
