@@ -20,7 +20,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_the_commands():
     out = run("--help")
     assert out.returncode == 0
-    for command in ("ask", "world", "train-toy", "toys", "demo", "methods"):
+    for command in ("ask", "explain", "world", "train-toy", "toys", "demo", "methods"):
         assert command in out.stdout
 
 
@@ -29,6 +29,11 @@ def test_help_lists_the_commands():
     [
         (["ask", "--model", "toy-nope", "--image", "x.png", "--prompt", "hi"], "unknown model"),
         (["ask", "--image", "missing.png", "--prompt", "what ?"], "does not exist"),
+        (["explain", "--image", "x.png", "--prompt", "what ?", "--method", "nope"], "unknown"),
+        (
+            ["explain", "--image", "x.png", "--prompt", "hi", "--method", "chefer_relevance,xyz"],
+            "unknown method 'xyz'",
+        ),
     ],
 )
 def test_errors_print_one_line_and_exit_2(args, message, capsys):
@@ -70,6 +75,33 @@ def test_ask_answers_with_the_toy(tmp_path):
 
 
 def test_demo_writes_the_report(tmp_path):
-    assert main(["demo", "--out", str(tmp_path), "--n", "5"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--n", "5", "--explain", "1"]) == 0
     html = (tmp_path / "index.html").read_text()
     assert html.count("<img") >= 10 and "what" in html or "is there" in html
+    from mmscope.methods.explain import attribution_methods
+
+    for method in attribution_methods():  # every method, next to the true evidence
+        assert f"<th>{method}</th>" in html
+    assert "explained token by token" in html
+
+
+def test_explain_writes_overlays_scores_and_a_page(tmp_path, capsys):
+    from mmscope.world import Scene, WorldObject, render
+
+    scene = Scene((WorldObject("circle", "red", "large", "top left"),))
+    image = tmp_path / "scene.png"
+    render(scene, 96).image.save(image)  # a size other than the model's: maps are resized
+    out = tmp_path / "out"
+    args = ["explain", "--image", str(image), "--prompt", "what color is the circle ?"]
+    assert main([*args, "--method", "saliency,grad_cam", "--out", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed["methods"]) == {"saliency", "grad_cam"}
+    for name in ("saliency.png", "saliency.json", "grad_cam.png", "scores.json", "index.html"):
+        assert (out / name).is_file()
+    scores = json.loads((out / "scores.json").read_text())
+    assert len(scores["grad_cam"]["image_scores"][0][0][0]) == 6  # a 6x6 patch grid
+    caption = ["explain", "--image", str(image), "--prompt", "describe the image ."]
+    assert main([*caption, "--generated", "--method", "grad_cam", "--out", str(out / "g")]) == 0
+    page = (out / "g" / "index.html").read_text()
+    assert page.count("<img") >= 3  # one overlay per generated token: "a red circle"
+    assert "-0.00" not in page

@@ -9,6 +9,12 @@ from dataclasses import dataclass
 import torch
 
 
+#: transformers (>= 5) adds these output-recording hooks on a model's first forward that records
+#: hidden states (LLaVA's vision tower does on every image) and keeps them: its own inert
+#: machinery, not hooks a method added, so the fingerprint leaves them out.
+_TRANSFORMERS_HOOKS = ("output_capturing_hook",)
+
+
 def _hook_count(model: torch.nn.Module) -> int:
     total = 0
     for module in model.modules():
@@ -20,7 +26,8 @@ def _hook_count(model: torch.nn.Module) -> int:
             "_state_dict_hooks",
             "_load_state_dict_pre_hooks",
         ):
-            total += len(getattr(module, name, {}))
+            hooks = getattr(module, name, {}).values()
+            total += sum(getattr(h, "__name__", "") not in _TRANSFORMERS_HOOKS for h in hooks)
     return total
 
 

@@ -31,21 +31,6 @@ def parse_site(site: str) -> tuple[str, int | None]:
     return role, (int(indices[0]) if indices else None)
 
 
-def _install_transformers_hooks(model: torch.nn.Module) -> None:
-    """Install now the output-recording hooks that transformers (>= 5) adds on a model's first
-    forward that records outputs and then keeps for good. Installed up front, they are part of
-    the state every method finds and leaves, not a change made by whichever method ran first.
-    """
-    try:
-        from transformers import PreTrainedModel
-        from transformers.utils.output_capturing import maybe_install_capturing_hooks
-    except ImportError:  # older transformers: nothing is installed lazily
-        return
-    for module in model.modules():  # top-down: a parent's install covers its sub-models
-        if isinstance(module, PreTrainedModel):
-            maybe_install_capturing_hooks(module)
-
-
 class VLM:
     """Adapter base class. Subclasses set ``ROLES`` and implement ``prepare``.
 
@@ -66,7 +51,6 @@ class VLM:
         self.model: Any = model  # a transformers PreTrainedModel
         self.processor = processor
         self.name = name or type(model).__name__
-        _install_transformers_hooks(model)
 
     @classmethod
     def load_processor(cls, source: Any, trust_remote_code: bool = False) -> Any:

@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from mmscope.models import load
+from mmscope.core.targets import AnswerLogProb, Generated
+from mmscope.methods.explain import attribution_methods, make_method
+from mmscope.models import VLM, load
+from mmscope.report.explanations import explanation_rows
 from mmscope.report.html import data_uri, write_page
-from mmscope.world import DESCRIBE_PROMPT, QUESTION_TYPES, ask, caption, render, sample_scenes
+from mmscope.world import (
+    DESCRIBE_PROMPT,
+    QUESTION_TYPES,
+    Question,
+    Rendered,
+    Scene,
+    ask,
+    caption,
+    render,
+    sample_scenes,
+)
 from mmscope.world.captions import hallucinated
 
 DEMO_SEED = 2024
+#: Methods shown per generated token of a caption (one forward, batched backwards each).
+CAPTION_METHODS = ("integrated_gradients", "grad_cam", "chefer_relevance")
 
 
 def _evidence_image(
@@ -25,8 +41,40 @@ def _evidence_image(
     return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
 
 
-def run_demo(out_dir: Path, model: str = "toy-llava", n: int = 10, seed: int = DEMO_SEED) -> Path:
-    """Answer ``n`` world questions and describe a few images; write ``out_dir/index.html``."""
+def _attributions(
+    vlm: VLM, rendered: list[Rendered], qs: list[Question], scenes: list[Scene], n: int
+) -> dict[str, Any]:
+    """Every attribution method on ``n`` questions (beside the true evidence), and the
+    per-token maps of one generated caption."""
+    questions = []
+    for r, q in list(zip(rendered, qs))[:n]:
+        inputs = vlm.prepare(r.image, q.text)
+        target = AnswerLogProb(q.answer)
+        methods = [
+            {"name": key, "rows": explanation_rows(make_method(key)(vlm, inputs, target))}
+            for key in attribution_methods()
+        ]
+        evidence = data_uri(_evidence_image(r.image, r.masks, q.evidence), 3)
+        questions.append(
+            {"question": q.text, "answer": q.answer, "evidence": evidence, "methods": methods}
+        )
+    caption_inputs = vlm.prepare(rendered[0].image, DESCRIBE_PROMPT)
+    per_token = [
+        {"name": key, "rows": explanation_rows(make_method(key)(vlm, caption_inputs, Generated()))}
+        for key in CAPTION_METHODS
+    ]
+    return {"questions": questions, "caption": per_token, "truth": caption(scenes[0])}
+
+
+def run_demo(
+    out_dir: Path,
+    model: str = "toy-llava",
+    n: int = 10,
+    seed: int = DEMO_SEED,
+    explain: int = 3,
+) -> Path:
+    """Answer ``n`` world questions and describe a few images, explain ``explain`` of the
+    answers with every attribution method; write ``out_dir/index.html``."""
     vlm = load(model)
     scenes = sample_scenes(n, seed)
     rng = np.random.default_rng(seed)
@@ -56,6 +104,7 @@ def run_demo(out_dir: Path, model: str = "toy-llava", n: int = 10, seed: int = D
         }
         for r, s, t in zip(rendered, scenes, texts)
     ]
+    attributions = _attributions(vlm, rendered, qs, scenes, min(explain, n)) if explain else None
     return write_page(
         out_dir / "index.html",
         "demo.html",
@@ -66,4 +115,5 @@ def run_demo(out_dir: Path, model: str = "toy-llava", n: int = 10, seed: int = D
         correct=sum(r["correct"] for r in rows),
         rows=rows,
         captions=captions,
+        attributions=attributions,
     )

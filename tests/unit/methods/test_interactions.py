@@ -273,8 +273,8 @@ def test_batch_of_two_equals_each_alone(tiny_llava, tiny_clip, tiny_qwen2_vl):
 def test_too_many_players_raise(tiny_llava, llava_inputs, tiny_qwen2_vl, scene_image):
     with pytest.raises(InputError, match="at most 12"):
         Harsanyi(regions=(4, 4), words=[])(tiny_llava, llava_inputs)
-    with pytest.raises(InputError, match="words="):  # 9 regions + 6 words by default
-        Harsanyi(regions=(3, 3))(tiny_llava, llava_inputs)
+    with pytest.raises(InputError, match="choose fewer words"):  # 9 regions + 6 named words
+        Harsanyi(regions=(3, 3), words=range(6))(tiny_llava, llava_inputs)
     with pytest.raises(InputError, match="out of range"):
         Harsanyi(words=[6])(tiny_llava, llava_inputs)
     with pytest.raises(InputError, match="too few patches"):
@@ -283,6 +283,19 @@ def test_too_many_players_raise(tiny_llava, llava_inputs, tiny_qwen2_vl, scene_i
     for bad in ({"regions": (0, 2)}, {"top": 0}, {"batch_size": 0}):
         with pytest.raises(InputError):
             Harsanyi(**bad)
+
+
+def test_long_prompts_keep_their_most_salient_words(tiny_llava, llava_inputs):
+    """9 regions leave room for 3 of the 6 words: the three with the largest |x * grad|."""
+    from mmscope.core.targets import Predicted
+    from mmscope.methods.attribution.gradient import InputXGradient
+
+    exp = Harsanyi(regions=(3, 3))(tiny_llava, llava_inputs, Predicted())
+    players = exp.extras["interactions"][0][0]["players"]
+    words = [p for p in players if not p.startswith("image")]
+    salience = np.abs(InputXGradient()(tiny_llava, llava_inputs, Predicted()).text_scores[0][0])
+    top3 = sorted(np.argsort(-salience)[:3].tolist())
+    assert words == [llava_inputs.prompt_tokens[0][i] for i in top3]
 
 
 def test_subset_layout_matches_bits():

@@ -76,3 +76,18 @@ def test_empty_prompt_and_mismatched_batch(tiny_llava, scene_image):
         tiny_llava.prepare(scene_image, "   ")
     with pytest.raises(InputError, match="2 prompts"):
         tiny_llava.prepare([scene_image], ["a ?", "b ?"])
+
+
+def test_a_model_used_before_wrapping_still_generates(scene_image):
+    """transformers hooks a vision tower on its first forward; wrapping the model afterwards
+    must not hook it twice (which made LLaVA's penultimate-layer features vanish)."""
+    from mmscope.models.llava import LlavaVLM
+    from mmscope.toys import build
+
+    model = build.build_llava(len(build.toy_tokenizer()), vision_feature_layer=-2).eval()
+    first = LlavaVLM(model, build.llava_processor(), "first")
+    inputs = first.prepare(scene_image, "what color is the circle ?")
+    expected = first.generate(inputs, max_new_tokens=3)
+    again = LlavaVLM(model, build.llava_processor(), "again")
+    assert again.generate(inputs, max_new_tokens=3) == expected
+    assert again.CAM_SITE == "vision.layer[-2]"

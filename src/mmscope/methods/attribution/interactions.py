@@ -12,7 +12,7 @@ batched forwards and ``I`` follows from one fast Moebius transform (``n 2^n`` op
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, cast
 
@@ -26,7 +26,8 @@ from mmscope.core.registry import register
 from mmscope.core.targets import (
     BoundTarget,
 )
-from mmscope.methods.attribution.base import Attribution, Maps
+from mmscope.methods.attribution.base import Attribution, Maps, prompt_rows
+from mmscope.methods.attribution.gradients import gradients
 
 if TYPE_CHECKING:
     from mmscope.models.base import VLM
@@ -117,9 +118,16 @@ def _region_masks(grid: tuple[int, int], regions: tuple[int, int]) -> list[torch
 
 
 def players(
-    inputs: Inputs, regions: tuple[int, int] | None, words: Sequence[int] | None
+    inputs: Inputs,
+    regions: tuple[int, int] | None,
+    words: Sequence[int] | None,
+    salience: Callable[[], list[torch.Tensor]] | None = None,
 ) -> list[Players]:
-    """Each item's players: its images' regions in raster order, then its chosen words."""
+    """Each item's players: its images' regions in raster order, then its chosen words.
+
+    With ``words`` None, all prompt tokens if they fit, else the most salient ones that fit
+    (``salience()``: one score per prompt token per text row), kept in prompt order.
+    """
     out, flat = [], 0
     for b, spans in enumerate(inputs.image_spans):
         names: list[str] = []
@@ -137,7 +145,13 @@ def players(
             )
         start, end = inputs.prompt_spans[b]
         tokens = inputs.prompt_tokens[b] if inputs.prompt_tokens else ()
-        chosen = _words(end - start, words, MAX_PLAYERS - len(names))
+        room = MAX_PLAYERS - len(names)
+        if words is None and end - start > room and salience is not None:
+            scores = salience()
+            words_b = scores[b if len(scores) > 1 else 0].topk(room).indices.tolist()
+            chosen = _words(end - start, words_b, room)
+        else:
+            chosen = _words(end - start, words, room)
         word_players = []
         for i in chosen:
             token = tokens[i] if i < len(tokens) else f"word{i}"
@@ -169,6 +183,13 @@ def _words(length: int, words: Sequence[int] | None, room: int) -> list[int]:
     if len(set(chosen)) != len(chosen):
         raise InputError(f"prompt-token indices {list(words)} name a token twice")
     return sorted(chosen)
+
+
+def _salience(vlm: VLM, bound: BoundTarget) -> list[torch.Tensor]:
+    """|input x gradient| of every prompt token (summed over outputs), per text row."""
+    g = gradients(vlm, bound, space="pixels")
+    per_position = (g.text * g.text_grad).sum(-1).abs().sum(0)
+    return prompt_rows(bound.inputs, per_position)
 
 
 def _own_texts(inputs: Inputs) -> Inputs:
@@ -258,7 +279,8 @@ class Harsanyi(Attribution):
 
     Args:
         regions: ``(rows, cols)`` regions per image, or None for no image players.
-        words: prompt-token indices that are players (None: all, if the total fits in 12).
+        words: prompt-token indices that are players (None: all if the total fits in 12,
+            else the most salient by |input x gradient| that fit).
         top: how many interactions to list.
         batch_size: rows per forward pass (masked copies of the whole batch).
     """
@@ -282,7 +304,7 @@ class Harsanyi(Attribution):
 
     def attribute(self, vlm: VLM, bound: BoundTarget) -> Maps:
         inputs = _own_texts(bound.inputs)
-        items = players(inputs, self.regions, self.words)
+        items = players(inputs, self.regions, self.words, lambda: _salience(vlm, bound))
         if not any(p.n for p in items):
             raise InputError("no players: give regions or words")
         v = values(vlm, bound, items, self.batch_size)
