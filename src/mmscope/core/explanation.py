@@ -106,7 +106,7 @@ class Explanation:
         """JSON-compatible content (images are left out)."""
         return {
             "method": self.method,
-            "settings": self.settings,
+            "settings": _jsonable(self.settings),
             "target": self.target,
             "labels": [list(lab) for lab in self.labels],
             "image_scores": [[m.tolist() for m in item] for item in self.image_scores],
@@ -186,7 +186,7 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
+    if isinstance(value, np.ndarray) or hasattr(value, "detach"):  # numpy or torch
         return value.tolist()
     if isinstance(value, (np.floating, np.integer)):
         return value.item()

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 #: transformers (>= 5) adds these output-recording hooks on a model's first forward that records
 #: hidden states (LLaVA's vision tower does on every image) and keeps them: its own inert
 #: machinery, not hooks a method added, so the fingerprint leaves them out.

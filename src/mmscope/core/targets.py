@@ -9,8 +9,9 @@ method takes the same targets.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -113,6 +114,8 @@ class TokenId(Target):
     """Log-probability of token ``id`` as the next token."""
 
     def __init__(self, id: int) -> None:
+        if isinstance(id, bool) or not isinstance(id, numbers.Integral):
+            raise InputError(f"TokenId takes an integer token id, not {id!r}")
         self.id = int(id)
 
     def bind(self, vlm: VLM, inputs: Inputs) -> BoundTarget:
@@ -240,8 +243,11 @@ class Generated(Target):
 
 
 class Similarity(Target):
-    """Contrastive encoders: the scaled cosine similarity of image ``b`` with text ``b``
-    (with one text, of every image with that text)."""
+    """Contrastive encoders: the scaled cosine similarity of image ``b`` with text ``b``.
+
+    One text for several images is copied once per image, so every batch item has its own
+    text row (its own prompt-word scores) like a decoder's items.
+    """
 
     def bind(self, vlm: VLM, inputs: Inputs) -> BoundTarget:
         if not getattr(vlm, "contrastive", False):
@@ -249,6 +255,9 @@ class Similarity(Target):
         n_images, n_texts = inputs.batch_size, len(inputs.prompts)
         if n_texts not in (1, n_images):
             raise InputError(f"{n_images} images need one text or {n_images} texts")
+        if n_texts == 1 and n_images > 1:
+            inputs = _one_text_per_image(inputs)
+            n_texts = n_images
 
         def score(output: Any) -> torch.Tensor:
             sims = output.logits_per_image  # (images, texts); a tiled batch tiles both
@@ -258,6 +267,22 @@ class Similarity(Target):
 
         labels = tuple((inputs.prompts[b if n_texts > 1 else 0],) for b in range(n_images))
         return BoundTarget(inputs, labels, score)
+
+
+def _one_text_per_image(inputs: Inputs) -> Inputs:
+    """A contrastive batch's single text repeated for each image (pixels untouched)."""
+    n = inputs.batch_size
+    tensors = {
+        key: value if key == "pixel_values" else value.repeat(n, *[1] * (value.dim() - 1))
+        for key, value in inputs.tensors.items()
+    }
+    return replace(
+        inputs,
+        tensors=tensors,
+        prompts=inputs.prompts * n,
+        prompt_spans=inputs.prompt_spans * n,
+        prompt_tokens=inputs.prompt_tokens * n,
+    )
 
 
 def default_target(vlm: VLM) -> Target:

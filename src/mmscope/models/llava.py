@@ -41,7 +41,10 @@ class LlavaVLM(DecoderVLM):
     def CAM_SITE(self) -> str:  # type: ignore[override]  # noqa: N802  (the base's class constant)
         """The vision layer the projector reads (LLaVA-1.5: the penultimate)."""
         layer = self.model.config.vision_feature_layer
-        return f"vision.layer[{layer[-1] if isinstance(layer, (list, tuple)) else layer}]"
+        layer = layer[-1] if isinstance(layer, (list, tuple)) else layer
+        if layer >= 0:  # hidden_states[0] is the embeddings: hidden_states[k] is layer k - 1
+            return f"vision.layer[{layer - 1}]" if layer > 0 else "vision.embed"
+        return f"vision.layer[{layer}]"
 
     @property
     def image_token_id(self) -> int:

@@ -10,16 +10,6 @@ if TYPE_CHECKING:
     from mmscope.core.explanation import Explanation
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_explanation(
     exp: Explanation, *, item: int = 0, output: int = 0, image: int = 0, ax: Any = None
 ) -> Any:
@@ -27,7 +17,8 @@ def plot_explanation(
 
     Returns the image axes; its ``.figure`` is the whole figure.
     """
-    plt = _pyplot()
+    import matplotlib.pyplot as plt  # its default backend: Agg without a display
+
     words = exp.text_map(item=item, output=output)
     if ax is None:
         fig, axes = plt.subplots(

@@ -102,3 +102,17 @@ def test_similarity_reads_each_pair(tiny_clip, scene_image):
 def test_contrastive_and_generative_targets_do_not_mix(tiny_llava, inputs):
     with pytest.raises(InputError):
         Similarity().bind(tiny_llava, inputs)
+
+
+def test_one_text_for_several_images_is_paired_with_each(tiny_clip, scene_image):
+    from mmscope.methods.attribution.gradient import IntegratedGradients
+
+    images = [scene_image, scene_image.rotate(90)]
+    inputs = tiny_clip.prepare(images, "a red circle")
+    bound = Similarity().bind(tiny_clip, inputs)
+    assert bound.inputs.input_ids.shape[0] == 2 and len(bound.inputs.prompt_spans) == 2
+    exp = IntegratedGradients(steps=8)(tiny_clip, inputs, Similarity())
+    alone = IntegratedGradients(steps=8)(tiny_clip, tiny_clip.prepare(images[1], "a red circle"))
+    assert [w for w, _ in exp.text_map(item=1)] == [w for w, _ in alone.text_map()]
+    assert exp.text_scores[1] == pytest.approx(alone.text_scores[0], rel=1e-3, abs=1e-6)
+    assert len(exp.extras["completeness_gap"]) == 2

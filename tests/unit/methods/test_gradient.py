@@ -158,3 +158,22 @@ def test_token_space_and_bad_settings(tiny_llava, image):
         SmoothGrad("grad_cam")
     with pytest.raises(InputError):
         Token("two words").bind(tiny_llava, inputs)
+
+
+def test_a_bfloat16_model_keeps_its_dtype_and_gets_float32_maps(image):
+    from mmscope.core.state import model_state
+    from mmscope.models.tiny import tiny_llava
+
+    vlm = tiny_llava()
+    vlm.model.to(torch.bfloat16)
+    inputs = vlm.prepare(image, PROMPT).to("cpu", torch.bfloat16)
+    before = model_state(vlm.model)
+    for method in (
+        OurSaliency(),
+        IntegratedGradients(steps=4),
+        IntegratedGradients(steps=4, space="tokens", baseline="mean"),
+    ):
+        exp = method(vlm, inputs, Token("red"))
+        assert exp.image_map().dtype == np.float32 and np.isfinite(exp.image_map()).all()
+        assert np.abs(exp.image_map()).sum() > 0
+    assert model_state(vlm.model) == before

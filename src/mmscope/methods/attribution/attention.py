@@ -70,31 +70,12 @@ def _one_hot(positions: list[list[tuple[int, ...]]], length: int) -> torch.Tenso
     return out
 
 
-def _paired(inputs: Inputs) -> Inputs:
-    """CLIP: one text per image (a single text is repeated for every image)."""
-    n = inputs.batch_size
-    if len(inputs.prompts) == n:
-        return inputs
-    tensors = {
-        key: value if key == "pixel_values" else value.repeat(n, *[1] * (value.dim() - 1))
-        for key, value in inputs.tensors.items()
-    }
-    return replace(
-        inputs,
-        tensors=tensors,
-        prompts=inputs.prompts * n,
-        prompt_spans=inputs.prompt_spans * n,
-        prompt_tokens=inputs.prompt_tokens * n,
-    )
-
-
 def plan(vlm: VLM, bound: BoundTarget) -> tuple[Inputs, list[Side]]:
     """The inputs to run and the stacks to read: ``[lm]`` for decoders, ``[vision, text]``
     for CLIP (image maps come from the first side, prompt scores from the last)."""
     inputs, k = bound.inputs, bound.k
     valid = [[j < len(labels) for labels in bound.labels] for j in range(k)]
     if vlm.contrastive:
-        inputs = _paired(inputs)
         mask = inputs.attention_mask
         last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # last non-pad position
         n_vision = max(span.end for span in vlm.flat_spans(inputs))  # class token + patches

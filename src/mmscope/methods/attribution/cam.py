@@ -120,8 +120,6 @@ def activations(
         out = bound(vlm.forward(leafy))
         value = cap[site]
         (grad,) = batched_grads(out, [value])
-    if grad is None:
-        raise InputError(f"the target does not depend on {site!r}")
     acts = _grids(vlm, bound, site, value.detach())
     per_output = [_grids(vlm, bound, site, g) for g in grad]
     return acts, [torch.stack(gs) for gs in zip(*per_output)]

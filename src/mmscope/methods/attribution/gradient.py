@@ -138,8 +138,8 @@ class IntegratedGradients(Attribution):
     ) -> Any:
         n = len(alphas)
         tiled = inputs.tile(n)
-        a_img = alphas.repeat_interleave(_rows(base_img)).view(-1, *[1] * (base_img.dim() - 1))
-        a_txt = alphas.repeat_interleave(inputs.batch_size).view(-1, 1, 1)
+        a_img = alphas.repeat_interleave(base_img.shape[0]).view(-1, *[1] * (base_img.dim() - 1))
+        a_txt = alphas.repeat_interleave(prompt.shape[0]).view(-1, 1, 1)
         base = base_img.repeat(n, *[1] * (base_img.dim() - 1))
         mask = prompt.repeat(n, 1, 1)
         return gradients(
@@ -147,12 +147,17 @@ class IntegratedGradients(Attribution):
             bound,
             tiled,
             self.space,
-            image_edit=lambda x: base + a_img * (x - base),
-            text_edit=lambda x: x - mask * (1 - a_txt) * x,
+            image_edit=lambda x: base.to(x) + a_img.to(x) * (x - base.to(x)),
+            text_edit=lambda x: x - mask.to(x) * (1 - a_txt.to(x)) * x,
         )
 
     def _image_baseline(self, vlm: VLM, inputs: Inputs, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.baseline, torch.Tensor):
+            if self.baseline.shape[-1:] != x.shape[-1:] or self.baseline.dim() > x.dim():
+                raise InputError(
+                    f"a baseline tensor must broadcast to the image features {tuple(x.shape)}"
+                    f" (e.g. a ({x.shape[-1]},) mean embedding), not {tuple(self.baseline.shape)}"
+                )
             return self.baseline.to(x).expand_as(x).clone()
         if self.baseline == "zero" or (self.space == "pixels" and self.baseline == "mean"):
             return torch.zeros_like(x)
@@ -167,10 +172,6 @@ class IntegratedGradients(Attribution):
         with torch.no_grad(), capture(vlm, vlm.IMAGE_TOKENS_SITE) as cap:
             vlm.forward(other)
         return vlm.image_tokens(cap[vlm.IMAGE_TOKENS_SITE]).to(x)
-
-
-def _rows(image_features: torch.Tensor) -> int:
-    return int(image_features.shape[0])
 
 
 def _baseline_image(image: Image.Image, kind: str) -> Image.Image:
@@ -195,12 +196,12 @@ def _clean_features(
     sites = [vlm.TEXT_EMBED_SITE] + ([vlm.IMAGE_TOKENS_SITE] if space == "tokens" else [])
     with torch.no_grad(), capture(vlm, sites) as cap:
         f_x = bound(vlm.forward(bound.inputs)).float()
-    text = cap[vlm.TEXT_EMBED_SITE].float()
+    text = cap[vlm.TEXT_EMBED_SITE].float().cpu()
     if space == "tokens":
-        image = vlm.image_tokens(cap[vlm.IMAGE_TOKENS_SITE]).float()
+        image = vlm.image_tokens(cap[vlm.IMAGE_TOKENS_SITE]).float().cpu()
     else:
-        image = bound.inputs.pixel_values.float()
-    return image, text, f_x
+        image = bound.inputs.pixel_values.float().cpu()
+    return image, text, f_x.cpu()
 
 
 def _scores_at(
@@ -217,9 +218,10 @@ def _scores_at(
     if space == "tokens":
         hooks[vlm.IMAGE_TOKENS_SITE] = lambda out: vlm.with_image_tokens(out, image.to(out))
     else:
-        inputs = replace(inputs, tensors={**inputs.tensors, "pixel_values": image})
+        pixels = image.to(inputs.pixel_values)
+        inputs = replace(inputs, tensors={**inputs.tensors, "pixel_values": pixels})
     with torch.no_grad(), patch(vlm, hooks):
-        return bound(vlm.forward(inputs)).float()
+        return bound(vlm.forward(inputs)).float().cpu()
 
 
 @register("smoothgrad", family="attribution/gradient", paper="Smilkov et al. 2017", level=LEVEL)
@@ -245,7 +247,10 @@ class SmoothGrad(Attribution):
             raise InputError("SmoothGrad needs samples >= 1 and noise >= 0")
         self.method, self.samples, self.noise, self.seed = method, int(samples), noise, seed
         self.inner_settings = dict(settings)
-        self._inner: Attribution = entry.obj(**settings)
+        try:
+            self._inner: Attribution = entry.obj(**settings)
+        except TypeError as err:
+            raise InputError(f"SmoothGrad over {method}: {err}") from None
 
     def attribute(self, vlm: VLM, bound: BoundTarget) -> Maps:
         inputs = bound.inputs.tile(self.samples)

@@ -50,7 +50,9 @@ def check_space(space: str) -> str:
 
 
 def _leaf(value: torch.Tensor, edit: Edit | None) -> torch.Tensor:
-    value = value.detach()
+    """A float32 leaf at the (edited) features, where the gradient is taken; the model gets
+    it back in its own dtype (a bfloat16 model stays bfloat16)."""
+    value = value.detach().float()
     return (edit(value) if edit else value).detach().requires_grad_(True)
 
 
@@ -72,23 +74,28 @@ def gradients(
 
     def text_hook(out: torch.Tensor) -> torch.Tensor:
         leaves["text"] = _leaf(out, text_edit)
-        return leaves["text"]
+        return leaves["text"].to(out.dtype)
 
     def token_hook(out: torch.Tensor) -> torch.Tensor:
         leaves["image"] = _leaf(vlm.image_tokens(out), image_edit)
-        return vlm.with_image_tokens(out.detach(), leaves["image"])
+        return vlm.with_image_tokens(out.detach(), leaves["image"].to(out.dtype))
 
     hooks = {vlm.TEXT_EMBED_SITE: text_hook}
     if check_space(space) == "tokens":
         hooks[vlm.IMAGE_TOKENS_SITE] = token_hook
     else:
         leaves["image"] = _leaf(inputs.pixel_values, image_edit)
-        inputs = replace(inputs, tensors={**inputs.tensors, "pixel_values": leaves["image"]})
+        pixels = leaves["image"].to(inputs.pixel_values.dtype)
+        inputs = replace(inputs, tensors={**inputs.tensors, "pixel_values": pixels})
     with torch.enable_grad(), patch(vlm, hooks):
         out = bound(vlm.forward(inputs))
         image_grad, text_grad = batched_grads(out, [leaves["image"], leaves["text"]])
-    return Grads(
-        out.detach(), leaves["image"].detach(), image_grad, leaves["text"].detach(), text_grad
+    return Grads(  # on the CPU in float32, whatever the model's device and dtype
+        out.detach().float().cpu(),
+        leaves["image"].detach().cpu(),
+        image_grad.float().cpu(),
+        leaves["text"].detach().cpu(),
+        text_grad.float().cpu(),
     )
 
 

@@ -192,33 +192,13 @@ def _salience(vlm: VLM, bound: BoundTarget) -> list[torch.Tensor]:
     return prompt_rows(bound.inputs, per_position)
 
 
-def _own_texts(inputs: Inputs) -> Inputs:
-    """Contrastive inputs with one text for several images: one copy of the text per image,
-    so that every item's words can be masked on their own."""
-    rows = inputs.input_ids.shape[0]
-    if rows == inputs.batch_size or rows != 1:
-        return inputs
-    b = inputs.batch_size
-    tensors = {
-        k: (v.repeat(b, *[1] * (v.dim() - 1)) if k != "pixel_values" and v.shape[0] == 1 else v)
-        for k, v in inputs.tensors.items()
-    }
-    return replace(
-        inputs,
-        tensors=tensors,
-        prompts=inputs.prompts * b,
-        prompt_spans=inputs.prompt_spans * b,
-        prompt_tokens=inputs.prompt_tokens * b,
-    )
-
-
 def values(
     vlm: VLM, bound: BoundTarget, items: Sequence[Players], batch_size: int = 64
 ) -> torch.Tensor:
     """``(batch, outputs, 2^n_max)`` target scores ``v(T)`` for every subset ``T`` of each
     item's players (subset ``t`` keeps player ``i`` where bit ``i`` of ``t`` is set). Items
     with fewer players than the most read their own first ``2^n`` entries."""
-    inputs = _own_texts(bound.inputs)
+    inputs = bound.inputs
     batch, total = inputs.batch_size, 1 << max(p.n for p in items)
     per_forward = max(1, batch_size // batch)
     out = torch.zeros(batch, bound.k, total, dtype=torch.float64)
@@ -292,18 +272,26 @@ class Harsanyi(Attribution):
         top: int = 20,
         batch_size: int = 64,
     ) -> None:
-        if regions is not None:
-            if len(regions) != 2 or min(int(x) for x in regions) < 1:
-                raise InputError(f"regions must be (rows, cols) of positive ints, not {regions!r}")
-            regions = (int(regions[0]), int(regions[1]))
-        if top < 1 or batch_size < 1:
-            raise InputError("top and batch_size must be at least 1")
+        try:
+            if regions is not None:
+                rows, cols = (int(x) for x in regions)
+                if min(rows, cols) < 1:
+                    raise ValueError
+                regions = (rows, cols)
+            top, batch_size = int(top), int(batch_size)
+            if top < 1 or batch_size < 1:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise InputError(
+                "harsanyi takes regions=(rows, cols) of positive ints (or None), "
+                f"top >= 1 and batch_size >= 1, not {regions!r}, {top!r}, {batch_size!r}"
+            ) from None
         self.regions = regions
         self.words = None if words is None else [int(i) for i in words]
         self.top, self.batch_size = int(top), int(batch_size)
 
     def attribute(self, vlm: VLM, bound: BoundTarget) -> Maps:
-        inputs = _own_texts(bound.inputs)
+        inputs = bound.inputs
         items = players(inputs, self.regions, self.words, lambda: _salience(vlm, bound))
         if not any(p.n for p in items):
             raise InputError("no players: give regions or words")
