@@ -9,7 +9,6 @@ method takes the same targets.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ import torch
 
 from mmscope.core.errors import InputError
 from mmscope.core.inputs import Inputs
+from mmscope.core.validate import integer
 
 if TYPE_CHECKING:
     from mmscope.models.base import VLM
@@ -114,9 +114,7 @@ class TokenId(Target):
     """Log-probability of token ``id`` as the next token."""
 
     def __init__(self, id: int) -> None:
-        if isinstance(id, bool) or not isinstance(id, numbers.Integral):
-            raise InputError(f"TokenId takes an integer token id, not {id!r}")
-        self.id = int(id)
+        self.id: int = integer("TokenId's id", id)
 
     def bind(self, vlm: VLM, inputs: Inputs) -> BoundTarget:
         _decoder_only(vlm, self)

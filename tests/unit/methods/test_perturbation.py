@@ -213,14 +213,12 @@ def test_occlusion_on_a_linear_model_by_hand(linear):
     assert got[:, 3].abs().max() == 0 and got[:, :, 3].abs().max() == 0
 
 
-def test_shared_clip_text_sums_over_the_images(tiny_clip, images):
+def test_a_shared_clip_text_is_scored_per_image(tiny_clip, images):
     both = Occlusion()(tiny_clip, tiny_clip.prepare(images, TEXTS[0]))
     alone = [Occlusion()(tiny_clip, tiny_clip.prepare(im, TEXTS[0])) for im in images]
-    assert len(both.text_scores) == 1
-    np.testing.assert_allclose(
-        both.text_scores[0], alone[0].text_scores[0] + alone[1].text_scores[0], atol=1e-5
-    )
+    assert len(both.text_scores) == 2  # Similarity pairs the text with each image
     for b in range(2):
+        np.testing.assert_allclose(both.text_scores[b], alone[b].text_scores[0], atol=1e-5)
         np.testing.assert_allclose(both.image_scores[b][0], alone[b].image_scores[0][0], atol=1e-5)
 
 

@@ -26,6 +26,7 @@ from mmscope.core.hooks import capture, patch
 from mmscope.core.inputs import Inputs
 from mmscope.core.registry import register
 from mmscope.core.targets import BoundTarget
+from mmscope.core.validate import integer
 from mmscope.methods.attribution.base import Attribution, Maps, prompt_rows
 from mmscope.methods.attribution.gradients import batched_grads
 
@@ -46,16 +47,10 @@ class Side:
     query: torch.Tensor
 
 
-def _check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"{name} must be an integer, not {value!r}")
-    return value
-
-
 def _check_head(head: int | str) -> int | str:
     if isinstance(head, str) and head not in FUSIONS:
         raise InputError(f"head must be an integer or one of {', '.join(FUSIONS)}, not {head!r}")
-    return head if isinstance(head, str) else _check_int("head", head)
+    return head if isinstance(head, str) else integer("head", head)
 
 
 def _one_hot(positions: list[list[tuple[int, ...]]], length: int) -> torch.Tensor:
@@ -104,7 +99,7 @@ def _layers(vlm: VLM, stack: str, layer: int | str, start: int = 0) -> list[int]
         return list(range(start, n))
     if layer == "mean":
         return list(range(n))
-    index = _check_int("layer", layer)
+    index = integer("layer", layer)
     if not -n <= index < n:
         raise InputError(f"layer {index} is out of range for {stack} with {n} layers")
     return [index % n]
@@ -190,7 +185,7 @@ class RawAttention(QueryRows):
 
     def __init__(self, layer: int | str = -1, head: int | str = "mean") -> None:
         if layer != "mean":
-            _check_int("layer", layer)
+            integer("layer", layer)
         self.layer, self.head = layer, _check_head(head)
 
     def rows(self, vlm: VLM, bound: BoundTarget) -> tuple[Inputs, list[torch.Tensor]]:
@@ -222,7 +217,7 @@ class AttentionRollout(QueryRows):
     ) -> None:
         if not isinstance(residual, (int, float)) or not 0.0 <= float(residual) < 1.0:
             raise InputError(f"residual must be in [0, 1), not {residual!r}")
-        if _check_int("start_layer", start_layer) < 0:
+        if integer("start_layer", start_layer) < 0:
             raise InputError(f"start_layer must be >= 0, not {start_layer}")
         self.head, self.residual, self.start_layer = _check_head(head), float(residual), start_layer
 
@@ -264,7 +259,7 @@ class CheferRelevance(QueryRows):
     """
 
     def __init__(self, start_layer: int = 0) -> None:
-        if _check_int("start_layer", start_layer) < 0:
+        if integer("start_layer", start_layer) < 0:
             raise InputError(f"start_layer must be >= 0, not {start_layer}")
         self.start_layer = start_layer
 

@@ -24,6 +24,7 @@ from mmscope.core.errors import InputError, SiteError
 from mmscope.core.hooks import capture
 from mmscope.core.registry import register
 from mmscope.core.targets import BoundTarget
+from mmscope.core.validate import positive_int
 from mmscope.methods.attribution.base import Attribution, Maps, scores
 from mmscope.methods.attribution.gradients import batched_grads
 from mmscope.models.base import parse_site
@@ -48,12 +49,6 @@ def _check_layer(layer: str | None) -> str | None:
     if not role.startswith("vision."):
         raise InputError(f"a CAM reads a vision-tower layer ('vision.layer[-1]'), not {layer!r}")
     return layer
-
-
-def _positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"{name} must be an integer of at least 1, not {value!r}")
-    return value
 
 
 class CAM(Attribution):
@@ -199,7 +194,7 @@ class ScoreCAM(CAM):
 
     def __init__(self, layer: str | None = None, batch_size: int = 16) -> None:
         super().__init__(layer)
-        self.batch_size = _positive_int("batch_size", batch_size)
+        self.batch_size = positive_int("batch_size", batch_size)
 
     def chosen(self, acts: Grids, grads: Grids | None, k: int) -> Grids:
         """Per image ``(outputs, n)``: the channels each output is scored over (all here)."""
@@ -287,7 +282,7 @@ class GScoreCAM(ScoreCAM):
 
     def __init__(self, layer: str | None = None, channels: int = 32, batch_size: int = 16) -> None:
         super().__init__(layer, batch_size)
-        self.channels = _positive_int("channels", channels)
+        self.channels = positive_int("channels", channels)
 
     def chosen(self, acts: Grids, grads: Grids | None, k: int) -> Grids:
         return [

@@ -104,9 +104,7 @@ def batched_grads(out: torch.Tensor, wrt: list[torch.Tensor]) -> list[torch.Tens
     k = out.shape[1]
     if k == 1:
         grads = torch.autograd.grad(out.sum(), wrt, allow_unused=True)
-        return [
-            (torch.zeros_like(x) if g is None else g).unsqueeze(0) for g, x in zip(grads, wrt)
-        ]
+        return [(torch.zeros_like(x) if g is None else g).unsqueeze(0) for g, x in zip(grads, wrt)]
     onehot = torch.eye(k, dtype=out.dtype, device=out.device).unsqueeze(1).expand(k, *out.shape)
     try:
         return list(torch.autograd.grad(out, wrt, grad_outputs=onehot, is_grads_batched=True))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from numbers import Real
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,6 +32,7 @@ from mmscope.core.hooks import patch
 from mmscope.core.inputs import Inputs
 from mmscope.core.registry import register
 from mmscope.core.targets import BoundTarget
+from mmscope.core.validate import number, positive_int, valid_seed
 from mmscope.methods.attribution.base import Attribution, Maps
 
 if TYPE_CHECKING:
@@ -40,24 +40,6 @@ if TYPE_CHECKING:
 
 LEVEL = "model/architecture"
 FAMILY = "attribution/perturbation"
-
-
-def positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"{name} must be an integer of at least 1, not {value!r}")
-    return value
-
-
-def number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise InputError(f"{name} must be a finite number, not {value!r}")
-    return float(value)
-
-
-def seed_of(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InputError(f"seed must be a non-negative integer, not {value!r}")
-    return value
 
 
 @dataclass(frozen=True, eq=False)
@@ -265,7 +247,7 @@ class RISE(Perturbation):
         self.p = number("p", p)
         if not 0 < self.p <= 1:
             raise InputError(f"p must be in (0, 1], not {p!r}")
-        self.seed = seed_of(seed)
+        self.seed = valid_seed(seed)
 
     def draw(self, features: Features) -> torch.Tensor:
         """``(masks, features)`` keep values; item ``b``'s from a generator seeded ``seed``

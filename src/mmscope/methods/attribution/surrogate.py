@@ -23,6 +23,7 @@ import torch
 from mmscope.core.errors import InputError, MMScopeError
 from mmscope.core.registry import register
 from mmscope.core.targets import BoundTarget
+from mmscope.core.validate import number, positive_int, valid_seed
 from mmscope.methods.attribution.base import Maps
 from mmscope.methods.attribution.perturbation import (
     FAMILY,
@@ -30,9 +31,6 @@ from mmscope.methods.attribution.perturbation import (
     Features,
     Perturbation,
     masked_forwards,
-    number,
-    positive_int,
-    seed_of,
 )
 
 if TYPE_CHECKING:
@@ -86,7 +84,7 @@ class Surrogate(Perturbation):
     ) -> None:
         super().__init__(batch_size, fill)
         self.samples = positive_int("samples", samples)
-        self.seed = seed_of(seed)
+        self.seed = valid_seed(seed)
 
     def explainer(self, forward: Callable[[torch.Tensor], torch.Tensor]) -> Any:
         raise NotImplementedError
