@@ -44,7 +44,13 @@ def words() -> list[str]:
 
 def toy_tokenizer(for_clip: bool = False) -> PreTrainedTokenizerFast:
     """The word-level tokenizer; CLIP's appends </s> (its pooled position)."""
-    return build_tokenizer(words(), SPECIALS, add_bos=True, add_eos=for_clip)
+    return build_tokenizer(
+        words(),
+        SPECIALS,
+        add_bos=True,
+        add_eos=for_clip,
+        padding_side="right" if for_clip else "left",
+    )
 
 
 def image_token_id(tokenizer: PreTrainedTokenizerFast) -> int:
@@ -97,8 +103,12 @@ def build_clip(vocab_size: int) -> CLIPModel:
     return CLIPModel(config)
 
 
-def build_llava(vocab_size: int) -> LlavaForConditionalGeneration:
-    """toy-llava: CLIP vision tower + 2-layer MLP projector + LLaMA language model."""
+def build_llava(vocab_size: int, vision_feature_layer: int = -2) -> LlavaForConditionalGeneration:
+    """toy-llava: CLIP vision tower + 2-layer MLP projector + LLaMA language model.
+
+    Like LLaVA-1.5 it reads the tower's penultimate layer: CLIP trains only the last layer's
+    class token, whose attention reads the patch tokens of the layer before.
+    """
     tok = toy_tokenizer()
     text = LlamaConfig(
         vocab_size=vocab_size,
@@ -117,7 +127,7 @@ def build_llava(vocab_size: int) -> LlavaForConditionalGeneration:
         vision_config=vision_config(),
         text_config=text,
         image_token_index=image_token_id(tok),
-        vision_feature_layer=-1,
+        vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )

@@ -5,7 +5,7 @@ The fast path here must equal what the saved processor produces; a test checks t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ from mmscope.toys.build import ANSWER_CUE, IMAGE_SIZE, MEAN, NUM_IMAGE_TOKENS, S
 from mmscope.world import (
     DESCRIBE_PROMPT,
     QUESTION_TYPES,
+    SHAPES,
     Scene,
     WorldConfig,
     ask,
@@ -21,6 +22,7 @@ from mmscope.world import (
     render,
     sample_scenes,
 )
+from mmscope.world.questions import HARD_NEGATIVE_PROB
 
 
 def pixels(images: np.ndarray) -> torch.Tensor:
@@ -31,18 +33,44 @@ def pixels(images: np.ndarray) -> torch.Tensor:
     return (x - mean) / std
 
 
+def shape_twin(scene: Scene, rng: np.random.Generator) -> Scene:
+    """The scene with one object's shape changed: a hard negative whose caption differs from
+    the scene's by one shape word (contrastive training otherwise gets by on colour alone)."""
+    taken = {o.combo for o in scene.objects}
+    changes = [
+        (i, shape)
+        for i, o in enumerate(scene.objects)
+        for shape in SHAPES
+        if (o.color, shape) not in taken
+    ]
+    if not changes:
+        return scene
+    i, shape = changes[int(rng.integers(len(changes)))]
+    objects = list(scene.objects)
+    objects[i] = replace(objects[i], shape=shape)
+    return replace(scene, objects=tuple(objects))
+
+
+def _render_all(scenes: list[Scene]) -> np.ndarray:
+    return np.stack([np.asarray(render(s, IMAGE_SIZE).image) for s in scenes])
+
+
 @dataclass
 class SceneBank:
-    """Pre-rendered scenes for training: the scenes and their uint8 images."""
+    """Pre-rendered scenes for training: the scenes, their uint8 images, and each scene's
+    shape twin (``shape_twin``) with its image."""
 
     scenes: list[Scene]
     images: np.ndarray
+    twins: list[Scene]
+    twin_images: np.ndarray
 
     @classmethod
     def sample(cls, n: int, seed: int, config: WorldConfig | None = None) -> SceneBank:
         scenes = sample_scenes(n, seed, config or WorldConfig())
-        images = np.stack([np.asarray(render(s, IMAGE_SIZE).image) for s in scenes])
-        return cls(scenes, images)
+        rng = np.random.default_rng([seed, 1])
+        twins = [shape_twin(s, rng) for s in scenes]
+        return cls(scenes, _render_all(scenes), twins, _render_all(twins))
 
 
 class Vocab:
@@ -74,19 +102,26 @@ def llava_batch(
     rng: np.random.Generator,
     batch_size: int,
     caption_share: float = 0.25,
+    existence_weight: float = 1.0,
+    hard_negative_prob: float = HARD_NEGATIVE_PROB,
 ) -> dict[str, torch.Tensor]:
     """A batch of (image, prompt, answer) sequences with loss only on the answer and </s>.
 
-    Question types are balanced; ``caption_share`` of the items are describe prompts.
+    ``caption_share`` of the items are describe prompts, the rest questions: existence
+    ``existence_weight`` times as often as each other type (the binding question that small
+    models learn last), its absent objects hard negatives with ``hard_negative_prob``.
     """
     idx = rng.integers(0, len(bank.scenes), batch_size)
+    weights = np.array([existence_weight if t == "existence" else 1.0 for t in QUESTION_TYPES])
+    weights = weights / weights.sum()
     seqs, labels = [], []
     for i in idx:
         scene = bank.scenes[int(i)]
         if rng.random() < caption_share:
             prompt, answer = DESCRIBE_PROMPT, caption(scene)
         else:
-            q = ask(scene, QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))], rng)
+            qtype = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=weights))]
+            q = ask(scene, qtype, rng, hard_negative_prob)
             prompt, answer = q.text, q.answer
         ids, labs = example(vocab, prompt, answer)
         seqs.append(ids)
@@ -110,16 +145,19 @@ def llava_batch(
 def clip_batch(
     bank: SceneBank, vocab: Vocab, rng: np.random.Generator, batch_size: int
 ) -> dict[str, torch.Tensor]:
-    """Images and their captions, ``<s> caption </s>`` padded right."""
-    idx = rng.choice(len(bank.scenes), batch_size, replace=False)
-    seqs = [[vocab.bos] + vocab.encode(caption(bank.scenes[int(i)])) + [vocab.eos] for i in idx]
+    """Images and their captions, ``<s> caption </s>`` padded right: half the batch are
+    scenes, the other half their shape twins."""
+    idx = rng.choice(len(bank.scenes), batch_size // 2, replace=False)
+    scenes = [bank.scenes[int(i)] for i in idx] + [bank.twins[int(i)] for i in idx]
+    images = np.concatenate([bank.images[idx], bank.twin_images[idx]])
+    seqs = [[vocab.bos] + vocab.encode(caption(s)) + [vocab.eos] for s in scenes]
     width = max(len(s) for s in seqs)
     ids = torch.full((batch_size, width), vocab.pad)
     mask = torch.zeros((batch_size, width), dtype=torch.long)
     for b, s in enumerate(seqs):
         ids[b, : len(s)] = torch.tensor(s)
         mask[b, : len(s)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels(bank.images[idx])}
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels(images)}
 
 
 __all__ = ["IMAGE_SIZE", "SceneBank", "Vocab", "clip_batch", "example", "llava_batch", "pixels"]

@@ -23,6 +23,7 @@ from transformers import CLIPModel, LlavaForConditionalGeneration
 
 from mmscope.toys import build
 from mmscope.toys.data import SceneBank, Vocab, clip_batch, llava_batch
+from mmscope.world.questions import HARD_NEGATIVE_PROB
 
 Progress = Callable[[str, int, int, float], None]
 
@@ -36,16 +37,19 @@ class Recipe:
 
     seed: int = 0
     bank_size: int = 12000
-    clip_steps: int = 300
+    clip_steps: int = 2500
     clip_batch: int = 128
     clip_lr: float = 2e-3
-    llava_steps: int = 2200
+    llava_steps: int = 3500
     llava_batch: int = 64
     llava_lr: float = 1.5e-3
     vision_lr_scale: float = 0.2
     caption_share: float = 0.2
     warmup: int = 100
     weight_decay: float = 0.01
+    vision_feature_layer: int = -2
+    existence_weight: float = 2.5
+    hard_negative_ramp: float = 0.5
 
 
 def _schedule(
@@ -95,6 +99,21 @@ def train_clip(recipe: Recipe, bank: SceneBank, progress: Progress | None = None
     return model
 
 
+def _per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy averaged over each example's answer tokens, then over examples:
+    a one-word answer weighs as much as a 15-token caption (a token mean lets captions drown
+    the questions)."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    per_token = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    ).view(labels.shape)
+    mask = labels != -100
+    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
 def train_llava(
     recipe: Recipe,
     bank: SceneBank,
@@ -106,7 +125,7 @@ def train_llava(
     rng = np.random.default_rng(recipe.seed + 1)
     tok = build.toy_tokenizer()
     vocab = Vocab(tok)
-    model = build.build_llava(len(tok))
+    model = build.build_llava(len(tok), recipe.vision_feature_layer)
     if clip is not None:
         model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
     model.train()
@@ -125,8 +144,18 @@ def train_llava(
     )
     sched = _schedule(opt, recipe.warmup, recipe.llava_steps)
     for step in range(recipe.llava_steps):
-        batch = llava_batch(bank, vocab, rng, recipe.llava_batch, recipe.caption_share)
-        loss = model(**batch).loss
+        ramp = min(1.0, step / max(1.0, recipe.hard_negative_ramp * recipe.llava_steps))
+        batch = llava_batch(
+            bank,
+            vocab,
+            rng,
+            recipe.llava_batch,
+            recipe.caption_share,
+            recipe.existence_weight,
+            ramp * HARD_NEGATIVE_PROB,
+        )
+        labels = batch.pop("labels")
+        loss = _per_example_loss(model(**batch).logits, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -154,7 +183,8 @@ def train_toys(
     recipe: Recipe = Recipe(),
     progress: Progress | None = None,
 ) -> dict[str, Path]:
-    """Train ``"clip"``, ``"llava"`` (which trains toy-clip first) or ``"all"``; save them."""
+    """Train and save ``"clip"``, or ``"llava"`` (also ``"all"``): toy-clip first, whose vision
+    tower toy-llava starts from, and both are saved (they belong together)."""
     if which not in ("clip", "llava", "all"):
         from mmscope.core.errors import InputError
 
@@ -163,12 +193,12 @@ def train_toys(
     bank = SceneBank.sample(recipe.bank_size, TRAIN_SEED + recipe.seed)
     clip = train_clip(recipe, bank, progress)
     clip_seconds = time.perf_counter() - start
-    saved = {}
     info = {"recipe": asdict(recipe), "train_seed": TRAIN_SEED + recipe.seed}
-    if which in ("clip", "all"):
-        saved["toy-clip"] = save_toy(
+    saved = {
+        "toy-clip": save_toy(
             clip, "clip", out_root / "toy-clip", {**info, "seconds": round(clip_seconds, 1)}
         )
+    }
     if which in ("llava", "all"):
         llava = train_llava(recipe, bank, clip, progress)
         seconds = time.perf_counter() - start

@@ -78,7 +78,9 @@ def _pick(rng: np.random.Generator, items: list[Any]) -> Any:
     return items[int(rng.integers(len(items)))]
 
 
-def _existence(scene: Scene, rng: np.random.Generator) -> Question:
+def _existence(
+    scene: Scene, rng: np.random.Generator, hard_negative_prob: float = HARD_NEGATIVE_PROB
+) -> Question:
     objs = scene.objects
     if objs and rng.random() < 0.5:
         i = int(rng.integers(len(objs)))
@@ -87,7 +89,7 @@ def _existence(scene: Scene, rng: np.random.Generator) -> Question:
     present = {o.combo for o in objs}
     absent = [c for c in all_combos() if c not in present]
     hard = [c for c in absent if any(c[0] == o.color or c[1] == o.shape for o in objs)]
-    pool = hard if hard and rng.random() < HARD_NEGATIVE_PROB else absent
+    pool = hard if hard and rng.random() < hard_negative_prob else absent
     color, shape = _pick(rng, pool)
     evidence = tuple(i for i, o in enumerate(objs) if o.color == color or o.shape == shape)
     return Question("existence", existence_text(color, shape), "no", evidence)
@@ -138,13 +140,20 @@ def _position(scene: Scene, rng: np.random.Generator) -> Question:
     )
 
 
-def ask(scene: Scene, qtype: str, rng: np.random.Generator) -> Question:
+def ask(
+    scene: Scene,
+    qtype: str,
+    rng: np.random.Generator,
+    hard_negative_prob: float = HARD_NEGATIVE_PROB,
+) -> Question:
     """Draw one random question of type ``qtype`` about ``scene``.
 
     Args:
         scene: The scene asked about.
         qtype: One of ``QUESTION_TYPES``.
         rng: Source of randomness (consumed).
+        hard_negative_prob: Share of absent-object existence questions whose object shares a
+            colour or a shape with a present one (training curricula lower it at first).
 
     Raises:
         ValueError: Unknown type, or a colour/shape/position question about an empty scene.
@@ -152,7 +161,7 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator) -> Question:
     if qtype not in QUESTION_TYPES:
         raise ValueError(f"unknown question type {qtype!r}")
     if qtype == "existence":
-        return _existence(scene, rng)
+        return _existence(scene, rng, hard_negative_prob)
     if qtype == "count":
         return _count(scene, rng)
     if not scene.objects:

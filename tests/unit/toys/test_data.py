@@ -1,6 +1,7 @@
 """The training fast path must produce exactly what the saved processor produces."""
 
 import numpy as np
+import pytest
 import torch
 
 from mmscope.models.llava import LlavaVLM
@@ -49,3 +50,40 @@ def test_clip_training_is_reproducible():
     a = train_clip(recipe, bank).state_dict()
     b = train_clip(recipe, bank).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shape_twins_differ_by_one_shape_word():
+    from mmscope.toys.data import shape_twin
+    from mmscope.world import caption
+
+    rng = np.random.default_rng(0)
+    for scene in sample_scenes(200, 8):
+        twin = shape_twin(scene, rng)
+        ours, theirs = caption(scene).split(), caption(twin).split()
+        changed = [(a, b) for a, b in zip(ours, theirs) if a != b]
+        assert len(ours) == len(theirs) and len(changed) == 1
+        assert {changed[0][0], changed[0][1]} <= {"circle", "square", "triangle", "cross"}
+        assert [o.slot for o in twin.objects] == [o.slot for o in scene.objects]
+        assert len({o.combo for o in twin.objects}) == len(twin.objects)
+
+
+def test_clip_batches_pair_scenes_with_their_twins():
+    from mmscope.toys.data import clip_batch
+
+    bank = SceneBank.sample(32, 4)
+    batch = clip_batch(bank, Vocab(build.toy_tokenizer(for_clip=True)), np.random.default_rng(1), 8)
+    ids = batch["input_ids"]
+    for i in range(4):  # item i and item i + 4 are a scene and its twin: one word apart
+        assert int((ids[i] != ids[i + 4]).sum()) == 1
+
+
+def test_per_example_loss_weighs_every_example_equally():
+    from mmscope.toys.train import _per_example_loss
+
+    vocab = 5
+    logits = torch.zeros(2, 4, vocab)  # uniform: every token costs log(5)
+    logits[0, 1, 3] = 100.0  # example 0's only answer token (position 2) is predicted
+    labels = torch.tensor([[-100, -100, 3, -100], [-100, 1, 2, 4]])
+    # example 0 costs 0, example 1 costs log 5 on each of its 3 tokens: mean of the two
+    expected = 0.5 * float(torch.log(torch.tensor(5.0)))
+    assert float(_per_example_loss(logits, labels)) == pytest.approx(expected, abs=1e-5)
