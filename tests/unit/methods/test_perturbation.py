@@ -223,13 +223,12 @@ def test_a_shared_clip_text_is_scored_per_image(tiny_clip, images):
 
 
 # ----- RISE -----------------------------------------------------------------------------------
-def test_rise_with_p_one_is_constant(tiny_llava, images):
+def test_rise_with_p_one_is_zero(tiny_llava, images):
+    """Nothing is ever removed: every masked score is f(x), so the centred map is 0."""
     inputs = tiny_llava.prepare(images[0], PROMPTS[0])
     exp = RISE(masks=8, p=1.0)(tiny_llava, inputs)
-    with torch.no_grad():
-        f_x = float(Predicted().bind(tiny_llava, inputs)(tiny_llava.forward(inputs))[0, 0])
-    np.testing.assert_allclose(exp.image_scores[0][0], f_x, rtol=1e-5)
-    np.testing.assert_allclose(exp.text_scores[0], f_x, rtol=1e-5)
+    np.testing.assert_allclose(exp.image_scores[0][0], 0.0, atol=1e-5)
+    np.testing.assert_allclose(exp.text_scores[0], 0.0, atol=1e-5)
 
 
 def test_rise_masks(linear):
@@ -244,24 +243,25 @@ def test_rise_masks(linear):
     assert masks.mean() == pytest.approx(0.5, abs=0.05)
 
 
-def test_rise_is_the_papers_estimator_on_fixed_masks(tiny_llava, images):
+def test_rise_is_the_centred_papers_estimator_on_fixed_masks(tiny_llava, images):
     inputs = tiny_llava.prepare(images[0], PROMPTS[0])
     bound = Predicted().bind(tiny_llava, inputs)
     method = RISE(masks=6, p=0.5, seed=2)
     masks = method.draw(Features.of(tiny_llava, inputs))
     maps = method.attribute(tiny_llava, bound)
     f = torch.stack([_by_hand(tiny_llava, bound, m)[0, 0] for m in masks])
-    expected = (f[:, None] * masks).sum(0) / (6 * 0.5)
+    expected = ((f - f.mean())[:, None] * masks).sum(0) / (6 * 0.5)
     torch.testing.assert_close(_vector(maps)[0], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_rise_recovers_linear_weights(linear):
-    """f linear in the keeps: E[saliency] = f(nothing kept) E[M] / p + E[M M^T] a / p, the
-    weights ``a`` seen through the masks' blur (words: independent, no blur)."""
+    """f linear in the keeps: E[centred saliency] = Cov(M) a / p, the weights ``a`` seen
+    through the masks' blur (words: independent, no blur)."""
     vlm, bound, a = linear
     sal = _vector(RISE(masks=4000, seed=0, batch_size=1000).attribute(vlm, bound))
     many = RISE(masks=50_000, seed=1).draw(Features.of(vlm, bound.inputs))
-    expected = (many.T @ many / len(many) @ a.T).T / 0.5
+    cov = (many - many.mean(0)).T @ many / len(many)
+    expected = (cov @ a.T).T / 0.5
     for k in range(2):
         assert np.corrcoef(sal[k, :16], expected[k, :16])[0, 1] > 0.98
         assert np.corrcoef(sal[k, 16:], a[k, 16:])[0, 1] > 0.95

@@ -221,7 +221,12 @@ class Occlusion(Perturbation):
 
 @register("rise", family=FAMILY, paper="Petsiuk et al. 2018", level=LEVEL)
 class RISE(Perturbation):
-    """saliency = sum_i f(x * M_i) M_i / (N p) over ``masks`` = N random masks.
+    """saliency = sum_i (f(x * M_i) - mean_j f(x * M_j)) M_i / (N p) over N random masks.
+
+    The paper's estimator sum_i f(x * M_i) M_i / (N p), centred by the mean score: with
+    log-probability targets every uncentred cell sits near that mean (a flat map), while the
+    centred one is positive where keeping a region raises the target. The ranking of the cells
+    is the paper's up to the sampling noise of sum_i M_i / (N p) around 1.
 
     Image side: a ``cells`` x ``cells`` grid of Bernoulli(``p``) keeps, bilinearly upsampled to
     (cells + 1) cell sizes and cropped to the image's patch grid at a random shift of less than
@@ -280,5 +285,6 @@ class RISE(Perturbation):
         features = Features.of(vlm, bound.inputs)
         masks = self.draw(features)
         got = self.run(vlm, bound, masks)
-        saliency = torch.einsum("nbk,nf->bkf", got, masks) / (self.masks * self.p)
+        centred = got - got.mean(0, keepdim=True)
+        saliency = torch.einsum("nbk,nf->bkf", centred, masks) / (self.masks * self.p)
         return features.maps(features.combine(saliency))
