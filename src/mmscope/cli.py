@@ -124,6 +124,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _methods(args: argparse.Namespace) -> int:
+    import mmscope.methods  # noqa: F401  (registers the methods)
     import mmscope.models  # noqa: F401  (registers the adapters)
     from mmscope.core.registry import REGISTRY
     from mmscope.core.taxonomy import tree

@@ -105,3 +105,13 @@ def test_explain_writes_overlays_scores_and_a_page(tmp_path, capsys):
     page = (out / "g" / "index.html").read_text()
     assert page.count("<img") >= 3  # one overlay per generated token: "a red circle"
     assert "-0.00" not in page
+
+
+def test_methods_lists_every_attribution_method_under_its_level(capsys):
+    from mmscope.methods.explain import attribution_methods
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    architecture = out.split("  architecture")[1].split("training and inference")[0]
+    for method in attribution_methods():
+        assert f"    {method} " in architecture
