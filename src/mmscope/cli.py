@@ -54,6 +54,8 @@ def _explain(args: argparse.Namespace) -> int:
 
     names = attribution_methods() if args.method == "all" else args.method.split(",")
     methods = [make_method(name.strip()) for name in names if name.strip()]  # check all first
+    if not methods:
+        raise MMScopeError("--method names no method; give registry keys or all")
     vlm = load(args.model)
     inputs = vlm.prepare(load_image(args.image, allow_large=args.allow_large), args.prompt)
     target = _cli_target(vlm, args)
