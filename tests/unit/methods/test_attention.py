@@ -295,3 +295,17 @@ def test_bad_settings_raise(tiny_llava, images):
             method(tiny_llava, inputs)
     with pytest.raises(InputError, match="no query positions"):
         RawAttention().attribute(tiny_llava, BoundTarget(inputs, (("x",),), lambda o: o, ()))
+
+
+def test_chefer_outputs_taken_a_few_at_a_time_equal_all_at_once(tiny_llava, images):
+    from mmscope.core.targets import Generated
+    from mmscope.methods.attribution.attention import CheferRelevance
+
+    inputs = tiny_llava.prepare(images[0], "what color is the circle ?")
+    together = CheferRelevance()(tiny_llava, inputs, Generated(3))
+    one_by_one = CheferRelevance(outputs_per_pass=1)(tiny_llava, inputs, Generated(3))
+    pairs = CheferRelevance(outputs_per_pass=2)(tiny_llava, inputs, Generated(3))
+    assert together.image_scores[0][0].shape[0] == 3
+    for other in (one_by_one, pairs):
+        np.testing.assert_allclose(other.image_scores[0][0], together.image_scores[0][0], atol=1e-6)
+        np.testing.assert_allclose(other.text_scores[0], together.text_scores[0], atol=1e-6)

@@ -26,7 +26,7 @@ from mmscope.core.hooks import capture, patch
 from mmscope.core.inputs import Inputs
 from mmscope.core.registry import register
 from mmscope.core.targets import BoundTarget
-from mmscope.core.validate import integer
+from mmscope.core.validate import integer, positive_int
 from mmscope.methods.attribution.base import Attribution, Maps, prompt_rows
 from mmscope.methods.attribution.gradients import batched_grads
 
@@ -253,38 +253,56 @@ class CheferRelevance(QueryRows):
     with dA_l = d target / d A_l, and R += Abar_l R. Read: the query rows of R - I (removing the
     identity only changes a query position's own entry; query positions are never image or
     prompt tokens for the shipped targets). Every output k has its own dA from one forward and
-    one batched backward. Computed as r = q, r += r Abar_l from the last layer down (equal to
-    q R, as R = (I + Abar_L) ... (I + Abar_1)), freeing each layer's A and dA once used: only
-    the (k, batch, T) rows are kept, never a T x T matrix per layer or per output.
+    batched backward per ``outputs_per_pass`` outputs. Computed as r = q, r += r Abar_l from the
+    last layer down (equal to q R, as R = (I + Abar_L) ... (I + Abar_1)), freeing each layer's
+    dA once used: only the (k, batch, T) rows are kept, never a T x T matrix per layer; the
+    attention maps themselves live once, in the forward's graph.
     """
 
-    def __init__(self, start_layer: int = 0) -> None:
+    def __init__(self, start_layer: int = 0, outputs_per_pass: int = 8) -> None:
         if integer("start_layer", start_layer) < 0:
             raise InputError(f"start_layer must be >= 0, not {start_layer}")
         self.start_layer = start_layer
+        self.outputs_per_pass = positive_int("outputs_per_pass", outputs_per_pass)
 
     def rows(self, vlm: VLM, bound: BoundTarget) -> tuple[Inputs, list[torch.Tensor]]:
+        """The relevance rows; the attention gradients of ``outputs_per_pass`` outputs at a
+        time (one batched backward each), so their memory does not grow with the outputs."""
         inputs, sides = plan(vlm, bound)
         per_side = [_sites(s.stack, _layers(vlm, s.stack, "all", self.start_layer)) for s in sides]
         sites = [x for xs in per_side for x in xs]
         embeds = [vlm.TEXT_EMBED_SITE] + ([vlm.IMAGE_TOKENS_SITE] if vlm.contrastive else [])
         leaves = patch(vlm, {e: _leaf for e in embeds})
+        chunks: list[list[torch.Tensor]] = []
         with torch.enable_grad(), leaves, capture(vlm, sites, detach=False) as cap:
             scores = bound(vlm.forward(inputs))
             maps = [cap[x] for x in sites]
-            grads: list[torch.Tensor | None] = list(batched_grads(scores, maps))
-        probs: list[torch.Tensor | None] = list(maps)
-        del cap, scores, maps  # the only other references: each map is freed once used
-        rows, offset = [], 0
-        for side, xs in zip(sides, per_side):
-            q = r = side.query.to(vlm.device)
-            for i in reversed(range(offset, offset + len(xs))):
-                a, g = probs[i], grads[i]
-                probs[i] = grads[i] = None
-                if a is None or g is None:
-                    continue
-                abar = (g.float() * a.detach().float()).clamp(min=0).mean(2)  # (k, batch, T, T)
-                r = r + torch.einsum("kbt,kbts->kbs", r, abar)
-            rows.append(r - q)
-            offset += len(xs)
-        return inputs, rows
+            for start in range(0, scores.shape[1], self.outputs_per_pass):
+                part = slice(start, start + self.outputs_per_pass)
+                grads: list[torch.Tensor | None] = list(batched_grads(scores[:, part], maps))
+                chunks.append(_fold(vlm, sides, per_side, maps, grads, part))
+        return inputs, [torch.cat(side_rows) for side_rows in zip(*chunks)]
+
+
+def _fold(
+    vlm: VLM,
+    sides: list[Side],
+    per_side: list[list[str]],
+    maps: list[torch.Tensor],
+    grads: list[torch.Tensor | None],
+    part: slice,
+) -> list[torch.Tensor]:
+    """r = q, r += r Abar_l from the last layer down, per side, for the outputs in ``part``;
+    each layer's gradient is freed once folded in."""
+    rows, offset = [], 0
+    for side, xs in zip(sides, per_side):
+        q = r = side.query[part].to(vlm.device)
+        for i in reversed(range(offset, offset + len(xs))):
+            g, grads[i] = grads[i], None
+            if g is None:
+                continue
+            abar = (g.float() * maps[i].detach().float()).clamp(min=0).mean(2)  # (k, b, T, T)
+            r = r + torch.einsum("kbt,kbts->kbs", r, abar)
+        rows.append(r - q)
+        offset += len(xs)
+    return rows

@@ -100,17 +100,21 @@ def gradients(
 
 
 def batched_grads(out: torch.Tensor, wrt: list[torch.Tensor]) -> list[torch.Tensor]:
-    """d out[:, k].sum() / d wrt for every output k, stacked on a leading axis."""
+    """d out[:, k].sum() / d wrt for every output k, stacked on a leading axis. The graph is
+    kept, so a caller may take the outputs in several passes."""
     k = out.shape[1]
     if k == 1:
-        grads = torch.autograd.grad(out.sum(), wrt, allow_unused=True)
+        grads = torch.autograd.grad(out.sum(), wrt, allow_unused=True, retain_graph=True)
         return [(torch.zeros_like(x) if g is None else g).unsqueeze(0) for g, x in zip(grads, wrt)]
     onehot = torch.eye(k, dtype=out.dtype, device=out.device).unsqueeze(1).expand(k, *out.shape)
     try:
-        return list(torch.autograd.grad(out, wrt, grad_outputs=onehot, is_grads_batched=True))
+        batched = torch.autograd.grad(
+            out, wrt, grad_outputs=onehot, is_grads_batched=True, retain_graph=True
+        )
+        return list(batched)
     except RuntimeError:  # an op without a batching rule: one backward per output
         per_output = [
-            torch.autograd.grad(out[:, j].sum(), wrt, retain_graph=j < k - 1) for j in range(k)
+            torch.autograd.grad(out[:, j].sum(), wrt, retain_graph=True) for j in range(k)
         ]
         return [torch.stack(gs) for gs in zip(*per_output)]
 
