@@ -129,6 +129,7 @@ def players(
     (``salience()``: one score per prompt token per text row), kept in prompt order.
     """
     out, flat = [], 0
+    scores: list[torch.Tensor] | None = None
     for b, spans in enumerate(inputs.image_spans):
         names: list[str] = []
         region_players = []
@@ -147,7 +148,7 @@ def players(
         tokens = inputs.prompt_tokens[b] if inputs.prompt_tokens else ()
         room = MAX_PLAYERS - len(names)
         if words is None and end - start > room and salience is not None:
-            scores = salience()
+            scores = scores if scores is not None else salience()  # one gradient pass in all
             words_b = scores[b if len(scores) > 1 else 0].topk(room).indices.tolist()
             chosen = _words(end - start, words_b, room)
         else:
