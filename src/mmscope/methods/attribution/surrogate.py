@@ -7,7 +7,10 @@ forward function turns each into a keep mask of the whole batch (the other items
 kept) and scores it with ``masked_forwards``. captum explains one scalar per sample, so each
 explained output is a captum call with the same seed: they draw the same samples and the
 forward function answers the repeats from a cache, so the model runs once per sample for all
-outputs. Items are explained one after another, each with its own ``samples`` forwards.
+outputs. captum's draws do not depend on the scores, so a first pass per item only records
+them; the recorded subsets of every item then run together (items never share features: one
+masked copy of the batch carries a subset of each item's), and the real captum pass reads
+them from the cache: ``samples`` masked copies of the batch in all, not ``samples`` per item.
 
 captum fits its surrogate with scikit-learn (LIME: ``Lasso(alpha)``; KernelSHAP:
 ``LinearRegression``).
@@ -89,24 +92,57 @@ class Surrogate(Perturbation):
     def explainer(self, forward: Callable[[torch.Tensor], torch.Tensor]) -> Any:
         raise NotImplementedError
 
+    def _captum_pass(
+        self, forward: Callable[[torch.Tensor], torch.Tensor], n: int, output: int
+    ) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return self.explainer(forward).attribute(  # type: ignore[no-any-return]
+                torch.ones(1, n),
+                target=output,
+                n_samples=self.samples,
+                perturbations_per_eval=self.batch_size,
+            )
+
+    def _run_together(
+        self, vlm: VLM, bound: BoundTarget, features: Features, forwards: list[_Cached]
+    ) -> None:
+        """Record every item's captum subsets, run them in one pass, fill the caches."""
+        recorded = []
+        for b in range(len(forwards)):
+            seen: list[torch.Tensor] = []
+
+            def record(keep: torch.Tensor, seen: list[torch.Tensor] = seen) -> torch.Tensor:
+                seen.append(keep.detach().float().cpu())
+                return torch.zeros(len(keep), bound.k)
+
+            index = features.of_item(b)
+            if len(index):
+                self._captum_pass(record, len(index), 0)
+            rows = torch.cat(seen) if seen else torch.zeros(0, len(index))
+            recorded.append(torch.unique(rows, dim=0))
+        masks = torch.ones(max(len(r) for r in recorded), features.size)
+        for b, rows in enumerate(recorded):
+            masks[: len(rows), features.of_item(b)] = rows
+        got = masked_forwards(vlm, bound, masks, self.batch_size, self.fill)
+        for b, (rows, forward) in enumerate(zip(recorded, forwards)):
+            keys = [bytes(row) for row in rows.bool().numpy()]
+            forward.memo.update(zip(keys, got[: len(rows), b]))
+
     def attribute(self, vlm: VLM, bound: BoundTarget) -> Maps:
         features = Features.of(vlm, bound.inputs)
         batch = bound.inputs.batch_size
         per_item = torch.zeros(batch, bound.k, features.size)
-        for b in range(batch):
+        forwards = [
+            _Cached(item_forward(vlm, bound, b, self.batch_size, self.fill)) for b in range(batch)
+        ]
+        self._run_together(vlm, bound, features, forwards)
+        for b, forward in enumerate(forwards):
             index = features.of_item(b)
             if not len(index):
                 continue
-            forward = _Cached(item_forward(vlm, bound, b, self.batch_size, self.fill))
             for j in range(len(bound.labels[b])):  # an item's outputs (shorter answers: fewer)
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(self.seed)
-                    attr = self.explainer(forward).attribute(
-                        torch.ones(1, len(index)),
-                        target=j,
-                        n_samples=self.samples,
-                        perturbations_per_eval=self.batch_size,
-                    )
+                attr = self._captum_pass(forward, len(index), j)
                 per_item[b, j, index] = attr.flatten().float()
         maps = features.maps(features.combine(per_item))
         maps.extras.update(self.extras(vlm, bound, features, per_item))
