@@ -30,6 +30,10 @@ class UnsupportedArchitectureError(MMScopeError):
     """A Hugging Face model class for which no adapter is registered."""
 
 
+class NotApplicableError(MMScopeError):
+    """A method or metric that does not apply to this model or input."""
+
+
 class WeightsError(MMScopeError):
     """Missing, corrupt or unsafe (non-safetensors) weights."""
 

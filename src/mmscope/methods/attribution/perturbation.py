@@ -20,7 +20,7 @@ the gradient methods' text maps are.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 LEVEL = "model/architecture"
 FAMILY = "attribution/perturbation"
+#: What removed cells become: a pixel value, or a function of the (tiled) ``pixel_values``
+#: and the keep grids giving a tensor shaped like ``pixel_values`` (ROAD's imputation).
+Fill = float | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,7 +117,7 @@ def masked_forwards(
     bound: BoundTarget,
     masks: torch.Tensor,
     batch_size: int = 16,
-    fill: float = 0.0,
+    fill: Fill = 0.0,
 ) -> torch.Tensor:
     """Target scores ``(M, batch, k)`` (float32, CPU) of the batch under each keep mask.
 
@@ -122,7 +125,8 @@ def masked_forwards(
         masks: ``(M, features)`` keep values in [0, 1] over ``Features.of(vlm, bound.inputs)``
             (1 keeps a feature, 0 removes it, values between blend).
         batch_size: masked copies of the batch per forward.
-        fill: the pixel value removed image cells are blended to (0: the mean colour).
+        fill: the pixel value removed image cells are blended to (0: the mean colour), or
+            a function ``(pixel_values, keep grids) -> values`` to blend them to.
     """
     features = Features.of(vlm, bound.inputs)
     if masks.dim() != 2 or masks.shape[1] != features.size:
@@ -133,7 +137,7 @@ def masked_forwards(
 
 
 def _forward(
-    vlm: VLM, bound: BoundTarget, features: Features, chunk: torch.Tensor, fill: float
+    vlm: VLM, bound: BoundTarget, features: Features, chunk: torch.Tensor, fill: Fill
 ) -> torch.Tensor:
     inputs = bound.inputs
     n = len(chunk)
@@ -146,7 +150,9 @@ def _forward(
             for s, g in zip(features.image_slices, features.grids)
         ]
         stacked: Any = torch.stack(keep) if len(set(features.grids)) == 1 else keep
-        tensors["pixel_values"] = vlm.mask_pixels(tiled.pixel_values, tiled, stacked, fill)
+        values = tiled.pixel_values
+        filled = fill(values, stacked) if callable(fill) else fill
+        tensors["pixel_values"] = vlm.mask_pixels(values, tiled, stacked, filled)
     hooks = {}
     if any(features.prompt_lengths):
         rows = len(inputs.prompt_spans)
