@@ -1,0 +1,200 @@
+"""What every metric shares: the ``Case`` it scores, the ``Metric`` base class, and the
+``MetricResult`` with its bootstrap confidence interval.
+
+Like Quantus, every metric declares its ``category`` and whether higher is better. Explanation
+metrics score a ``Case`` (the model, the inputs, the target, one method's explanation of them,
+the method itself for metrics that re-run it, and the evidence masks where known) and return
+one number per batch item, NaN where the metric does not apply to that item.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from mmscope.core.errors import InputError
+from mmscope.core.explanation import Explanation
+from mmscope.core.inputs import Inputs
+from mmscope.core.registry import REGISTRY
+from mmscope.core.targets import Target
+
+if TYPE_CHECKING:
+    from mmscope.models.base import VLM
+
+#: The categories of metrics, as Quantus groups them, plus hallucination.
+CATEGORIES: tuple[str, ...] = (
+    "faithfulness",
+    "localisation",
+    "randomisation",
+    "robustness",
+    "hallucination",
+)
+LEVEL = "data/benchmark"
+
+
+@dataclass(frozen=True, eq=False)
+class Case:
+    """One batch explained by one method, with what the metrics need to score it.
+
+    Attributes:
+        vlm: the model.
+        inputs: the batch the method explained.
+        target: the explained target (one output per item).
+        explanation: the method's explanation of ``target`` on ``inputs``.
+        method: the method, for metrics that run it again (randomisation, robustness);
+            any callable ``(vlm, inputs, target) -> Explanation``.
+        masks: per item, the evidence mask ``(height, width)`` in the original image's
+            pixels, or ``None`` where there is none (or the answer was wrong).
+    """
+
+    vlm: VLM
+    inputs: Inputs
+    target: Target
+    explanation: Explanation
+    method: Any = None
+    masks: tuple[np.ndarray | None, ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        if any(len(labels) != 1 for labels in self.explanation.labels):
+            raise InputError("metrics score one explained output per item; explain one token")
+
+
+class Metric:
+    """Base class of explanation metrics: settings in ``__init__``, a ``Case`` in
+    ``__call__``, one score per item back (NaN where it does not apply)."""
+
+    category: ClassVar[str] = ""
+    higher_is_better: ClassVar[bool] = True
+
+    def __call__(self, case: Case) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+
+def metric_keys(category: str | None = None) -> list[str]:
+    """Keys of the registered explanation metrics (of one category), in registry order."""
+    import mmscope.metrics  # noqa: F401  (registers them)
+
+    return [
+        e.key
+        for e in REGISTRY.entries("metric")
+        if issubclass(e.obj, Metric) and category in (None, e.obj.category)
+    ]
+
+
+def make_metric(key: str, **settings: Any) -> Metric:
+    """A registered metric from its key and settings (bad settings raise InputError)."""
+    import mmscope.metrics  # noqa: F401  (registers them)
+
+    entry = REGISTRY.get(key, kind="metric")
+    try:
+        inspect.signature(entry.obj).bind(**settings)
+    except TypeError as err:
+        raise InputError(f"metric {key} does not take these settings: {err}") from None
+    return entry.obj(**settings)  # type: ignore[no-any-return]
+
+
+def bootstrap_ci(
+    values: Sequence[float] | np.ndarray, level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean (NaNs dropped; scipy's
+    ``bootstrap``). One value gives ``(v, v)``, none gives ``(nan, nan)``."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    if x.size == 0:
+        return (float("nan"), float("nan"))
+    if x.size == 1 or np.all(x == x[0]):
+        return (float(x[0]), float(x[0]))
+    from scipy.stats import bootstrap
+
+    res = bootstrap(
+        (x,),
+        np.mean,
+        confidence_level=level,
+        n_resamples=resamples,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    return (float(res.confidence_interval.low), float(res.confidence_interval.high))
+
+
+@dataclass(frozen=True)
+class MetricResult:
+    """One metric's scores of one method over a set of items.
+
+    Attributes:
+        metric: the metric's key.
+        method: the explained method's key (or a baseline's name).
+        values: one score per item (NaN where the metric does not apply).
+        category: the metric's category.
+        higher_is_better: whether a higher score is better.
+    """
+
+    metric: str
+    method: str
+    values: tuple[float, ...]
+    category: str
+    higher_is_better: bool
+
+    @property
+    def n(self) -> int:
+        """Items the metric applied to (NaNs left out)."""
+        return int(np.sum(~np.isnan(np.asarray(self.values, dtype=float))))
+
+    @property
+    def mean(self) -> float:
+        x = np.asarray(self.values, dtype=float)
+        return float(np.nanmean(x)) if self.n else float("nan")
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        """Bootstrap 95% confidence interval of the mean."""
+        return bootstrap_ci(self.values)
+
+    def to_dict(self) -> dict[str, Any]:
+        lo, hi = self.ci
+        return {
+            "method": self.method,
+            "metric": self.metric,
+            "mean": _finite(self.mean),
+            "ci": [_finite(lo), _finite(hi)],
+            "n": self.n,
+            "category": self.category,
+            "higher_is_better": self.higher_is_better,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``to_dict`` with the per-item values as JSON."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        values = [_finite(v) for v in self.values]
+        path.write_text(json.dumps({**self.to_dict(), "values": values}) + "\n")
+        return path
+
+    def plot(self, ax: Any = None) -> Any:
+        """Histogram of the per-item scores with the mean and its interval."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(4, 3))
+        x = np.asarray(self.values, dtype=float)
+        ax.hist(x[~np.isnan(x)], bins=20, color="#4c72b0")
+        lo, hi = self.ci
+        ax.axvline(self.mean, color="k")
+        ax.axvspan(lo, hi, color="k", alpha=0.15)
+        arrow = "higher is better" if self.higher_is_better else "lower is better"
+        ax.set_title(f"{self.method}: {self.metric} ({arrow})", fontsize=9)
+        return ax
+
+
+def _finite(v: float) -> float | None:
+    return None if v is None or np.isnan(v) else float(v)
