@@ -23,7 +23,6 @@ from mmscope.world import (
     render,
     sample_scenes,
 )
-from mmscope.world.captions import caption_objects, hallucinated
 
 #: Seed of the evaluation scenes; training draws from mmscope.toys.train.TRAIN_SEED + seed.
 EVAL_SEED = 777_000
@@ -55,19 +54,18 @@ def eval_llava(
 
 def eval_captions(vlm: VLM, scenes: list[Scene], batch: int = 100) -> dict[str, float]:
     """CHAIR_i (hallucinated mentions / mentions), CHAIR_s, and caption exact match."""
-    mentions = hallucinations = bad = exact = 0
+    from mmscope.metrics.hallucination import chair_scores  # (imports this module)
+
+    captions: list[str] = []
     for chunk in _chunks(len(scenes), batch):
         images = [render(scenes[i]).image for i in chunk]
         inputs = vlm.prepare(images, [DESCRIBE_PROMPT] * len(chunk))
-        for i, text in zip(chunk, vlm.generate(inputs, max_new_tokens=24)):  # type: ignore[attr-defined]
-            found = hallucinated(text, scenes[i])
-            mentions += len(caption_objects(text))
-            hallucinations += len(found)
-            bad += bool(found)
-            exact += text == caption(scenes[i])
+        captions.extend(vlm.generate(inputs, max_new_tokens=24))  # type: ignore[attr-defined]
+    scores = chair_scores(captions, [{o.name for o in s.objects} for s in scenes])
+    exact = sum(text == caption(s) for text, s in zip(captions, scenes))
     return {
-        "chair_i": hallucinations / max(1, mentions),
-        "chair_s": bad / max(1, len(scenes)),
+        "chair_i": scores["chair_i"],
+        "chair_s": scores["chair_s"],
         "caption_exact": exact / max(1, len(scenes)),
     }
 
