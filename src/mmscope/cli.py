@@ -117,6 +117,84 @@ def _toys_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_pope(args: argparse.Namespace) -> int:
+    from mmscope.metrics.hallucination import Pope, load_pope_jsonl
+    from mmscope.models import load
+    from mmscope.world import POPE_SPLITS
+
+    if args.data and args.split:
+        raise MMScopeError("--split picks world probes; with --data the file is the split")
+    split = args.split or "all"
+    if split not in (*POPE_SPLITS, "all"):
+        raise MMScopeError(f"unknown POPE split {split!r}; use {', '.join(POPE_SPLITS)} or all")
+    data = load_pope_jsonl(args.data, args.images) if args.data else None
+    vlm = load(args.model)
+    if data:
+        runs = {Path(args.data).stem: Pope(n_images=args.n)(vlm, data)}
+    else:
+        runs = {s: Pope(s, n_images=args.n)(vlm) for s in POPE_SPLITS if split in (s, "all")}
+    out = {k: {**r.scores, "ci": r.to_dict()["ci"]} for k, r in runs.items()}
+    if args.json:
+        print(json.dumps({"model": args.model, "splits": out}))
+        return 0
+    for name, r in out.items():
+        nums = "  ".join(f"{k} {r[k]:.3f}" for k in ("accuracy", "precision", "recall", "f1"))
+        ci = ", ".join(f"{k} [{lo:.3f}, {hi:.3f}]" for k, (lo, hi) in r["ci"].items())
+        print(f"{name:<11} {nums}  yes_ratio {r['yes_ratio']:.3f}  n {r['n']}  (95% CI {ci})")
+    return 0
+
+
+def _eval_chair(args: argparse.Namespace) -> int:
+    from mmscope.metrics.hallucination import Chair
+    from mmscope.models import load
+
+    r = Chair(n_images=args.n)(load(args.model)).to_dict()
+    if args.json:
+        print(json.dumps({"model": args.model, **r}))
+        return 0
+    ci = ", ".join(f"{k} [{lo:.3f}, {hi:.3f}]" for k, (lo, hi) in r["ci"].items())
+    print(f"CHAIR_i {r['chair_i']:.3f}  CHAIR_s {r['chair_s']:.3f}  n {r['n']}  (95% CI {ci})")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from mmscope.bench import BenchConfig, load_items, run_leaderboard, world_items
+    from mmscope.bench.report import write_leaderboard
+    from mmscope.models import load
+
+    vlm = load(args.model)
+    items = load_items(args.data, args.images) if args.data else None
+    items = items[: args.n] if items else world_items(args.n, contrastive=vlm.contrastive)
+    split = lambda text: tuple(k for k in (text or "").split(",") if k)  # noqa: E731
+    config = BenchConfig(
+        args.model, len(items), split(args.methods), split(args.metrics), args.batch_size,
+        args.meta_items, data=args.data or "world",
+    )
+    with tqdm(desc="bench", unit="method-batch", disable=args.json) as bar:
+
+        def progress(step: int, total: int, method: str) -> None:
+            bar.total = total
+            bar.n = step
+            bar.set_postfix_str(method)
+            bar.refresh()
+
+        results = run_leaderboard(vlm, items, config, args.out, args.resume, progress)
+    info = {**config.resolved().to_json(), "model": args.model}
+    page = write_leaderboard(results, args.out, info)
+    if args.json:
+        print(json.dumps({"rows": [r.to_dict() for r in results]}))
+        return 0
+    for r in results:
+        d = r.to_dict()
+        lo, hi = (f"{v:.3f}" if v is not None else "n/a" for v in d["ci"])
+        mean = "n/a" if d["mean"] is None else f"{d['mean']:.3f}"
+        print(f"{d['method']:<22} {d['metric']:<18} {mean:>8}  [{lo}, {hi}]  n={d['n']}")
+    print(f"wrote {page}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from mmscope.report.demo import run_demo
 
@@ -196,6 +274,38 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--n", type=int, default=2000)
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=_toys_eval)
+
+    evals = sub.add_parser("eval", help="hallucination metrics: POPE and CHAIR").add_subparsers(
+        dest="eval_command", required=True
+    )
+    pope = evals.add_parser("pope", help="yes/no object probes (world or a POPE .jsonl file)")
+    pope.add_argument("--model", default="toy-llava")
+    pope.add_argument("--split", help="random, popular, adversarial or all (default: all)")
+    pope.add_argument("--n", type=int, default=100, help="world images per split")
+    pope.add_argument("--data", help="probes in the POPE JSONL format")
+    pope.add_argument("--images", help="folder of the --data images (default: its folder)")
+    pope.add_argument("--json", action="store_true")
+    pope.set_defaults(handler=_eval_pope)
+    chair = evals.add_parser("chair", help="hallucinated objects in captions of world images")
+    chair.add_argument("--model", default="toy-llava")
+    chair.add_argument("--n", type=int, default=100)
+    chair.add_argument("--json", action="store_true")
+    chair.set_defaults(handler=_eval_chair)
+
+    bench = sub.add_parser("bench", help="the leaderboard: every method against every metric")
+    bench.add_argument("--model", default="toy-llava")
+    bench.add_argument("--n", type=int, default=500, help="world items (or the first of --data)")
+    bench.add_argument("--data", help="a JSONL of items (image, question, answer, mask or boxes)")
+    bench.add_argument("--images", help="folder of the --data images (default: its folder)")
+    bench.add_argument("--methods", help="comma-separated methods (default: all + baselines)")
+    bench.add_argument("--metrics", help="comma-separated metrics (default: all)")
+    bench.add_argument("--batch-size", type=int, default=25)
+    bench.add_argument("--meta-items", type=int, default=50, help="items re-explained by the "
+                       "randomisation and max-sensitivity metrics")
+    bench.add_argument("--out", default="mmscope-bench")
+    bench.add_argument("--resume", action="store_true", help="continue the run in --out")
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(handler=_bench)
 
     methods = sub.add_parser("methods", help="list every registered method by survey level")
     methods.set_defaults(handler=_methods)

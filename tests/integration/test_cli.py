@@ -115,3 +115,24 @@ def test_methods_lists_every_attribution_method_under_its_level(capsys):
     architecture = out.split("  architecture")[1].split("training and inference")[0]
     for method in attribution_methods():
         assert f"    {method} " in architecture
+
+
+def test_eval_pope_json(capsys):
+    args = ["eval", "pope", "--model", "toy-llava", "--split", "random", "--n", "10", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "toy-llava" and list(out["splits"]) == ["random"]
+    scores = out["splits"]["random"]
+    keys = {"accuracy", "precision", "recall", "f1", "yes_ratio", "n", "ci"}
+    assert keys <= set(scores) and set(scores["ci"]) == {"accuracy", "f1"}
+    assert all(0 <= scores[k] <= 1 for k in keys - {"n", "ci"}) and 20 <= scores["n"] <= 60
+    lo, hi = scores["ci"]["f1"]
+    assert lo <= scores["f1"] <= hi
+
+
+def test_eval_bad_split_and_eval_help(capsys):
+    assert main(["eval", "pope", "--split", "hard"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown POPE split 'hard'" in err
+    out = run("eval", "--help")
+    assert out.returncode == 0 and "pope" in out.stdout and "chair" in out.stdout

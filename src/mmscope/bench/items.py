@@ -1,0 +1,133 @@
+"""The items a benchmark scores: an image, a prompt, the expected answer, the evidence mask.
+
+From the world (seeded, with exact masks) or from a user's JSONL: one object per line with
+``image`` (a path relative to the file or to ``images_dir``), ``question`` / ``text`` /
+``prompt``, optionally ``answer`` / ``label``, and optionally the evidence as ``mask_rle``
+(``mmscope.world.rle``), ``boxes`` (``[[x0, y0, x1, y1], ...]`` in pixels, end-exclusive)
+or ``bbox``. POPE files load as they are; so do the annotations ``mmscope world sample``
+writes (every question of every image becomes an item).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from mmscope.core.errors import InputError
+from mmscope.core.validate import positive_int
+from mmscope.world import make_samples
+from mmscope.world.rle import decode_rle
+
+#: Seed of the benchmark's world items: never used to train or evaluate the toys.
+BENCH_SEED = 424_242
+
+
+@dataclass(frozen=True, eq=False)
+class BenchItem:
+    """One scored question.
+
+    Attributes:
+        image: the image.
+        prompt: the question (for CLIP: the text scored against the image).
+        answer: the expected answer, ``""`` where unknown (then every answer counts as right).
+        mask: bool ``(height, width)`` evidence in the image's pixels, or ``None``.
+        kind: the question type, where known.
+    """
+
+    image: Image.Image
+    prompt: str
+    answer: str = ""
+    mask: np.ndarray | None = field(default=None, repr=False)
+    kind: str = ""
+
+
+def world_items(n: int, seed: int = BENCH_SEED, contrastive: bool = False) -> list[BenchItem]:
+    """``n`` world items, question types in turn; for CLIP, ``"a {color} {shape}"`` of one
+    object with that object's mask."""
+    out = []
+    for i, sample in enumerate(make_samples(positive_int("n", n), seed)):
+        if contrastive:
+            j = i % len(sample.scene.objects)
+            obj = sample.scene.objects[j]
+            out.append(BenchItem(sample.image, f"a {obj.name}", "", sample.masks[j], "object"))
+            continue
+        q = sample.questions[i % len(sample.questions)]
+        mask = np.any(sample.masks[list(q.evidence)], axis=0) if q.evidence else None
+        out.append(BenchItem(sample.image, q.text, q.answer, mask, q.type))
+    return out
+
+
+def _first(record: dict[str, Any], *keys: str) -> Any:
+    return next((record[k] for k in keys if k in record), None)
+
+
+def _mask(record: dict[str, Any], size: tuple[int, int]) -> np.ndarray | None:
+    width, height = size
+    if "mask_rle" in record:
+        mask = np.asarray(decode_rle(record["mask_rle"]), dtype=bool)
+        if mask.shape != (height, width):
+            raise InputError(f"mask {mask.shape} does not match the image {(height, width)}")
+        return mask
+    boxes = record.get("boxes") or ([record["bbox"]] if "bbox" in record else None)
+    if not boxes:
+        return None
+    mask = np.zeros((height, width), dtype=bool)
+    for box in boxes:
+        x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+        mask[max(0, y0) : min(height, y1), max(0, x0) : min(width, x1)] = True
+    return mask
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read image {path}: {err}") from None
+
+
+def _records(record: dict[str, Any], image: Image.Image) -> list[BenchItem]:
+    if "questions" in record and "objects" in record:  # `mmscope world sample` annotations
+        masks = [_mask(o, image.size) for o in record["objects"]]
+        items = []
+        for q in record["questions"]:
+            chosen = [masks[i] for i in q.get("evidence", []) if masks[i] is not None]
+            mask = np.any(chosen, axis=0) if chosen else None
+            items.append(BenchItem(image, q["text"], q["answer"], mask, q.get("type", "")))
+        return items
+    prompt = _first(record, "question", "text", "prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("a record needs a question (keys question, text or prompt)")
+    answer = str(_first(record, "answer", "label") or "")
+    kind = str(record.get("type", ""))
+    return [BenchItem(image, prompt, answer, _mask(record, image.size), kind)]
+
+
+def load_items(path: str | Path, images_dir: str | Path | None = None) -> list[BenchItem]:
+    """Items from a JSONL file (see the module docstring); errors name the file and line."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "annotations.jsonl"
+    if not path.is_file():
+        raise InputError(f"no such file: {path}")
+    root = Path(images_dir) if images_dir is not None else path.parent
+    items: list[BenchItem] = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or "image" not in record:
+                    raise InputError("a record needs an image")
+                items.extend(_records(record, _open(root / str(record["image"]))))
+            except (json.JSONDecodeError, InputError, KeyError, TypeError) as err:
+                raise InputError(f"{path}, line {number}: {err}") from None
+    if not items:
+        raise InputError(f"{path} holds no items")
+    return items
