@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from mmscope.core.errors import MMScopeError
+from mmscope.core.errors import InputError, MMScopeError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -168,9 +168,20 @@ def _bench(args: argparse.Namespace) -> int:
     items = load_items(args.data, args.images) if args.data else None
     items = items[: args.n] if items else world_items(args.n, contrastive=vlm.contrastive)
     split = lambda text: tuple(k for k in (text or "").split(",") if k)  # noqa: E731
+    subsets = {}
+    for part in split(args.subset):
+        key, _, size = part.partition("=")
+        if not size.isdigit():
+            raise InputError(f"--subset takes metric=items pairs, not {part!r}")
+        subsets[key] = int(size)
     config = BenchConfig(
-        args.model, len(items), split(args.methods), split(args.metrics), args.batch_size,
-        args.meta_items, data=args.data or "world",
+        args.model,
+        len(items),
+        split(args.methods),
+        split(args.metrics),
+        args.batch_size,
+        subsets,
+        data=args.data or "world",
     )
     with tqdm(desc="bench", unit="method-batch", disable=args.json) as bar:
 
@@ -198,13 +209,16 @@ def _bench(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from mmscope.report.demo import run_demo
 
-    path = run_demo(Path(args.out), model=args.model, n=args.n, explain=args.explain)
+    path = run_demo(
+        Path(args.out), model=args.model, n=args.n, explain=args.explain, bench=args.bench
+    )
     print(f"wrote {path}")
     return 0
 
 
 def _methods(args: argparse.Namespace) -> int:
     import mmscope.methods  # noqa: F401  (registers the methods)
+    import mmscope.metrics  # noqa: F401  (registers the metrics)
     import mmscope.models  # noqa: F401  (registers the adapters)
     from mmscope.core.registry import REGISTRY
     from mmscope.core.taxonomy import tree
@@ -300,8 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", help="comma-separated methods (default: all + baselines)")
     bench.add_argument("--metrics", help="comma-separated metrics (default: all)")
     bench.add_argument("--batch-size", type=int, default=25)
-    bench.add_argument("--meta-items", type=int, default=50, help="items re-explained by the "
-                       "randomisation and max-sensitivity metrics")
+    bench.add_argument(
+        "--subset",
+        help="items the costly metrics score, e.g. "
+        "randomisation=25,road_morf=100 (defaults: see the README)",
+    )
     bench.add_argument("--out", default="mmscope-bench")
     bench.add_argument("--resume", action="store_true", help="continue the run in --out")
     bench.add_argument("--json", action="store_true")
@@ -315,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n", type=int, default=10)
     demo.add_argument(
         "--explain", type=int, default=3, help="questions explained by every method (0: none)"
+    )
+    demo.add_argument(
+        "--bench", type=int, default=10, help="items of the leaderboard section (0: none)"
     )
     demo.add_argument("--out", default="mmscope-report")
     demo.set_defaults(handler=_demo)

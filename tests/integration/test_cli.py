@@ -75,7 +75,8 @@ def test_ask_answers_with_the_toy(tmp_path):
 
 
 def test_demo_writes_the_report(tmp_path):
-    assert main(["demo", "--out", str(tmp_path), "--n", "5", "--explain", "1"]) == 0
+    args = ["demo", "--out", str(tmp_path), "--n", "5", "--explain", "1", "--bench", "2"]
+    assert main(args) == 0
     html = (tmp_path / "index.html").read_text()
     assert html.count("<img") >= 10 and "what" in html or "is there" in html
     from mmscope.methods.explain import attribution_methods
@@ -83,6 +84,8 @@ def test_demo_writes_the_report(tmp_path):
     for method in attribution_methods():  # every method, next to the true evidence
         assert f"<th>{method}</th>" in html
     assert "explained token by token" in html
+    assert "The leaderboard on 2 world questions" in html and "<td><b>oracle</b></td>" in html
+    assert "Object hallucination: POPE" in html and "adversarial" in html
 
 
 def test_explain_writes_overlays_scores_and_a_page(tmp_path, capsys):

@@ -5,8 +5,9 @@ answers), then each method (and the random and oracle baselines) explains the mo
 next token (CLIP: the image-text similarity) and every metric scores that explanation. Each
 (batch, method) result is appended to ``results.jsonl`` as soon as it exists, so an
 interrupted run loses at most one method's batch, and ``resume`` skips what is there. The
-metrics that re-run the method (randomisation, max-sensitivity) see only the first
-``meta_items`` items: they cost several explanations each.
+costliest metrics score only the first items (``subsets``): those that re-run the method
+(randomisation, max-sensitivity: several explanations each) and ROAD (a sparse solve per
+image and step).
 """
 
 from __future__ import annotations
@@ -32,14 +33,24 @@ if TYPE_CHECKING:
     from mmscope.models.base import VLM
 
 BASELINES: tuple[str, ...] = ("random", "oracle")
-#: Metrics that run the method again, several times per item.
-META_METRICS: tuple[str, ...] = ("randomisation", "max_sensitivity")
-#: Cheaper settings of the costliest methods, so n=500 fits in minutes (see the README).
+#: How many of the first items the costliest metrics score.
+SUBSETS: dict[str, int] = {
+    "randomisation": 25,
+    "max_sensitivity": 25,
+    "road_morf": 100,
+    "road_lerf": 100,
+}
+#: Cheaper settings of the costliest methods and metrics, so n=500 fits in minutes.
 BENCH_SETTINGS: dict[str, dict[str, Any]] = {
-    "rise": {"masks": 200},
+    "rise": {"masks": 100},
     "lime": {"samples": 100},
     "kernel_shap": {"samples": 100},
-    "harsanyi": {"regions": (2, 2)},
+    "harsanyi": {"regions": (2, 3), "words": ()},
+}
+BENCH_METRIC_SETTINGS: dict[str, dict[str, Any]] = {
+    **{key: {"steps": 5} for key in ("deletion", "insertion", "road_morf", "road_lerf")},
+    "randomisation": {"stages": 1},  # the score is the last stage's: skip the others
+    "max_sensitivity": {"samples": 3},
 }
 RESULTS = "results.jsonl"
 Progress = Callable[[int, int, str], None]
@@ -54,7 +65,7 @@ class BenchConfig:
     methods: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()
     batch_size: int = 25
-    meta_items: int = 50
+    subsets: dict[str, int] = field(default_factory=dict)
     method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     metric_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     data: str = "world"
@@ -64,7 +75,8 @@ class BenchConfig:
         unknown keys and bad sizes raise."""
         positive_int("n", self.n)
         positive_int("batch_size", self.batch_size)
-        integer("meta_items", self.meta_items, minimum=0)
+        for key, size in self.subsets.items():
+            integer(f"items of {key}", size, minimum=0)
         methods = self.methods or (*attribution_methods(), *BASELINES)
         metrics = self.metrics or tuple(metric_keys())
         known = metric_keys()
@@ -75,15 +87,19 @@ class BenchConfig:
             if key not in known:
                 raise InputError(f"unknown explanation metric {key!r}; known: {', '.join(known)}")
         settings = {m: BENCH_SETTINGS[m] for m in methods if m in BENCH_SETTINGS}
+        metric_settings = {
+            k: BENCH_METRIC_SETTINGS[k] for k in metrics if k in BENCH_METRIC_SETTINGS
+        }
+        subsets = {k: SUBSETS[k] for k in metrics if k in SUBSETS}
         return BenchConfig(
             self.model,
             self.n,
             tuple(methods),
             tuple(metrics),
             self.batch_size,
-            self.meta_items,
+            {**subsets, **self.subsets},
             {**settings, **self.method_settings},
-            dict(self.metric_settings),
+            {**metric_settings, **self.metric_settings},
             self.data,
         )
 
@@ -171,7 +187,7 @@ def run_leaderboard(
                 case = Case(vlm, inputs, target, method(vlm, inputs, target), method, scored)
                 values, seconds = {}, {"explain": time.perf_counter() - started}
                 for name, metric in metrics.items():
-                    if name in META_METRICS and chunk.start >= config.meta_items:
+                    if chunk.start >= config.subsets.get(name, len(items)):
                         continue
                     tick = time.perf_counter()
                     values[name] = [None if np.isnan(v) else float(v) for v in metric(case)]

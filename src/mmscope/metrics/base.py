@@ -51,6 +51,8 @@ class Case:
             any callable ``(vlm, inputs, target) -> Explanation``.
         masks: per item, the evidence mask ``(height, width)`` in the original image's
             pixels, or ``None`` where there is none (or the answer was wrong).
+        memo: scratch space the metrics of one case share (the bound target, the scores of
+            the clean and the blank image), so each is computed once.
     """
 
     vlm: VLM
@@ -59,6 +61,7 @@ class Case:
     explanation: Explanation
     method: Any = None
     masks: tuple[np.ndarray | None, ...] = field(default=(), repr=False)
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if any(len(labels) != 1 for labels in self.explanation.labels):

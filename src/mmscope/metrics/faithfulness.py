@@ -11,7 +11,7 @@ otherwise (CLIP similarities).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -80,13 +80,30 @@ class RemovalCurve(Metric):
         return masks
 
     def curve(self, case: Case) -> np.ndarray:
-        """``(steps + 1, batch)``: the target's probability (or score) at each step."""
-        bound = case.target.bind(case.vlm, case.inputs)
+        """``(steps + 1, batch)``: the target's probability (or score) at each step. The two
+        ends (the clean image, every cell removed) are shared by all curves of a case."""
+        bound = case.memo.get("bound") or case.memo.setdefault(
+            "bound", case.target.bind(case.vlm, case.inputs)
+        )
         features = Features.of(case.vlm, bound.inputs)
         masks = self.masks(features, cell_orders(case, features))
-        scores = masked_forwards(case.vlm, bound, masks, self.batch_size, self.filler(case))
-        scores = scores[:, :, 0]
+        inner = masked_forwards(case.vlm, bound, masks[1:-1], self.batch_size, self.filler(case))
+        clean, blank = self._ends(case, bound, features)
+        first, last = (blank, clean) if self.insert else (clean, blank)
+        scores = torch.cat([first[None], inner[:, :, 0], last[None]])
         return (scores.exp() if bound.log_prob else scores).numpy()
+
+    def _ends(self, case: Case, bound: Any, features: Features) -> torch.Tensor:
+        """Scores ``(2, batch)`` of the clean image and of every cell removed (to ``fill``;
+        ROAD's imputation of a fully removed image is the mean colour, fill 0)."""
+        fill = 0.0 if isinstance(self, Road) else self.fill
+        key = ("ends", fill)
+        if key not in case.memo:
+            ends = torch.ones(2, features.size)
+            for cells in features.image_slices:
+                ends[1, cells] = 0
+            case.memo[key] = masked_forwards(case.vlm, bound, ends, self.batch_size, fill)[:, :, 0]
+        return case.memo[key]  # type: ignore[no-any-return]
 
     def __call__(self, case: Case) -> np.ndarray:
         curve = self.curve(case)

@@ -66,15 +66,44 @@ def _attributions(
     return {"questions": questions, "caption": per_token, "truth": caption(scenes[0])}
 
 
+def _benchmark(vlm: VLM, out_dir: Path, n: int) -> dict[str, Any]:
+    """A small leaderboard (every method and metric on ``n`` world items, written to
+    ``out_dir/bench``) and POPE's three splits on held-out world images."""
+    from mmscope.bench import BenchConfig, run_leaderboard, world_items
+    from mmscope.bench.report import failing_sanity, table
+    from mmscope.metrics.hallucination import Pope
+    from mmscope.world import POPE_SPLITS
+
+    few = min(n, 4)
+    config = BenchConfig(
+        vlm.name, n, batch_size=few, subsets={"randomisation": few, "max_sensitivity": few}
+    )
+    results = run_leaderboard(
+        vlm, world_items(n, contrastive=vlm.contrastive), config, out_dir / "bench"
+    )
+    rows = table(results)
+    pope = {} if vlm.contrastive else {s: Pope(s, n_images=40)(vlm).scores for s in POPE_SPLITS}
+    return {
+        "metrics": list(dict.fromkeys(r["metric"] for r in rows)),
+        "methods": list(dict.fromkeys(r["method"] for r in rows)),
+        "cells": {(r["method"], r["metric"]): r for r in rows},
+        "failing": failing_sanity(results),
+        "n": n,
+        "pope": pope,
+    }
+
+
 def run_demo(
     out_dir: Path,
     model: str = "toy-llava",
     n: int = 10,
     seed: int = DEMO_SEED,
     explain: int = 3,
+    bench: int = 10,
 ) -> Path:
     """Answer ``n`` world questions and describe a few images, explain ``explain`` of the
-    answers with every attribution method; write ``out_dir/index.html``."""
+    answers with every attribution method, score every method on ``bench`` items (0: skip)
+    with POPE beside; write ``out_dir/index.html``."""
     vlm = load(model)
     scenes = sample_scenes(n, seed)
     rng = np.random.default_rng(seed)
@@ -105,6 +134,7 @@ def run_demo(
         for r, s, t in zip(rendered, scenes, texts)
     ]
     attributions = _attributions(vlm, rendered, qs, scenes, min(explain, n)) if explain else None
+    benchmark = _benchmark(vlm, out_dir, bench) if bench else None
     return write_page(
         out_dir / "index.html",
         "demo.html",
@@ -116,4 +146,5 @@ def run_demo(
         rows=rows,
         captions=captions,
         attributions=attributions,
+        benchmark=benchmark,
     )

@@ -18,7 +18,7 @@ FAST = dict(
     methods=("saliency", "random", "oracle"),
     metrics=("deletion", "relevance_mass", "randomisation"),
     batch_size=2,
-    meta_items=2,
+    subsets={"randomisation": 2},
 )
 
 
@@ -30,12 +30,14 @@ def test_rows_cover_methods_and_metrics_and_the_model_is_untouched(tiny_llava, t
     got = {(r.method, r.metric): r for r in results}
     assert set(got) <= {(m, k) for m in FAST["methods"] for k in FAST["metrics"]}
     assert len(got[("saliency", "deletion")].values) == 4
-    assert got[("saliency", "randomisation")].n <= 2  # only the first meta_items items
+    assert got[("saliency", "randomisation")].n <= 2  # only the first 2 items
     assert got[("oracle", "randomisation")].mean == pytest.approx(1.0)  # it ignores the model
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert len(lines) == 2 * 3  # (batch, method) records
     page = write_leaderboard(
-        results, tmp_path, {"model": "tiny", "n": 4, "data": "world", "meta_items": 2}
+        results,
+        tmp_path,
+        {"model": "tiny", "n": 4, "data": "world", "subsets": {"randomisation": 2}},
     )
     table = json.loads((tmp_path / "leaderboard.json").read_text())
     assert "oracle" in table["fails_sanity"] and page.read_text().count("<tr") >= 4
