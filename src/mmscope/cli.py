@@ -182,7 +182,7 @@ def _bench(args: argparse.Namespace) -> int:
         args.batch_size,
         subsets,
         data=args.data or "world",
-    )
+    ).resolved()  # bad keys and sizes raise before any work
     with tqdm(desc="bench", unit="method-batch", disable=args.json) as bar:
 
         def progress(step: int, total: int, method: str) -> None:

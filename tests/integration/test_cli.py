@@ -20,7 +20,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_the_commands():
     out = run("--help")
     assert out.returncode == 0
-    for command in ("ask", "explain", "world", "train-toy", "toys", "demo", "methods"):
+    for command in ("ask", "explain", "world", "train-toy", "toys", "demo", "methods", "bench"):
         assert command in out.stdout
 
 
@@ -34,6 +34,11 @@ def test_help_lists_the_commands():
             ["explain", "--image", "x.png", "--prompt", "hi", "--method", "chefer_relevance,xyz"],
             "unknown method 'xyz'",
         ),
+        (["bench", "--n", "2", "--metrics", "deletion,nope"], "unknown explanation metric"),
+        (["bench", "--n", "2", "--methods", "saliency,nope"], "unknown method 'nope'"),
+        (["bench", "--n", "0"], "n must be"),
+        (["bench", "--n", "2", "--subset", "randomisation=x"], "--subset takes"),
+        (["bench", "--data", "/nonexistent.jsonl"], "no such file"),
     ],
 )
 def test_errors_print_one_line_and_exit_2(args, message, capsys):
@@ -139,3 +144,17 @@ def test_eval_bad_split_and_eval_help(capsys):
     assert len(err.splitlines()) == 1 and "unknown POPE split 'hard'" in err
     out = run("eval", "--help")
     assert out.returncode == 0 and "pope" in out.stdout and "chair" in out.stdout
+
+
+def test_bench_json_rows_and_the_written_table(tmp_path, capsys):
+    args = ["bench", "--n", "3", "--methods", "saliency,oracle", "--metrics", "insertion,"
+            "relevance_rank", "--out", str(tmp_path), "--json"]
+    assert main(args) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert {(r["method"], r["metric"]) for r in rows} <= {
+        (m, k) for m in ("saliency", "oracle") for k in ("insertion", "relevance_rank")
+    }
+    for r in rows:
+        assert r["ci"][0] <= r["mean"] <= r["ci"][1] and r["n"] >= 1
+    for name in ("leaderboard.csv", "leaderboard.json", "leaderboard.html", "results.jsonl"):
+        assert (tmp_path / name).is_file()
