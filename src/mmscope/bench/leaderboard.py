@@ -126,7 +126,9 @@ def _prepare_out(out: Path, config: BenchConfig, resume: bool) -> dict[tuple[int
     if resume and saved.is_file():
         if json.loads(saved.read_text()) != config.to_json():
             raise InputError(f"{out} holds a run with other settings; use a new --out")
-        return _done(out / RESULTS)
+        done = _done(out / RESULTS)  # rewritten without a line a kill cut short
+        (out / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+        return done
     saved.write_text(json.dumps(config.to_json(), indent=2) + "\n")
     (out / RESULTS).write_text("")
     return {}

@@ -55,6 +55,7 @@ def test_resume_keeps_finished_work_and_ignores_a_cut_line(tiny_llava, tmp_path)
     resumed = run_leaderboard(tiny_llava, items, config, tmp_path, resume=True)
     after = path.read_text().splitlines()
     assert after[:2] == lines[:2]  # finished records were not redone
+    assert len(after) == len(lines) and all(json.loads(line) for line in after)
     full = run_leaderboard(tiny_llava, items, config, tmp_path / "again")
     assert [r.to_dict() for r in resumed] == [r.to_dict() for r in full]
 
