@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 
 from mmscope.bench.baselines import OracleMap, RandomMap
 from mmscope.bench.items import BenchItem
-from mmscope.core.errors import InputError
+from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.targets import default_target
 from mmscope.core.validate import integer, positive_int
 from mmscope.methods.explain import attribution_methods, make_method
@@ -192,7 +193,12 @@ def run_leaderboard(
                     if chunk.start >= config.subsets.get(name, len(items)):
                         continue
                     tick = time.perf_counter()
-                    values[name] = [None if np.isnan(v) else float(v) for v in metric(case)]
+                    try:
+                        scores = metric(case)
+                    except NotApplicableError as err:  # e.g. ROAD on flattened patches
+                        warnings.warn(f"{name} skipped on {vlm.name}: {err}", stacklevel=2)
+                        continue
+                    values[name] = [None if np.isnan(v) else float(v) for v in scores]
                     seconds[name] = time.perf_counter() - tick
                 record = {
                     "batch": index,

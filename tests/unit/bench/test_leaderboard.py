@@ -122,3 +122,10 @@ def test_a_killed_cli_run_resumes_to_the_same_table(tmp_path):
     )
     assert json.loads(resumed.stdout) == json.loads(clean.stdout)
     assert len(results.read_text().splitlines()) == 24
+
+
+def test_metrics_that_do_not_apply_are_skipped_not_fatal(tiny_qwen2_vl, tmp_path):
+    config = BenchConfig("tiny", 2, ("saliency",), ("deletion", "road_morf"), batch_size=2)
+    with pytest.warns(UserWarning, match="road_morf skipped"):
+        results = run_leaderboard(tiny_qwen2_vl, world_items(2), config, tmp_path)
+    assert [r.metric for r in results] == ["deletion"]
