@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from scipy.integrate import trapezoid
 
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.registry import register
@@ -63,6 +64,12 @@ class RemovalCurve(Metric):
         self.fill = number("fill", fill)
 
     def filler(self, case: Case) -> Fill:
+        """What removed cells become."""
+        return self.fill
+
+    @property
+    def blank_fill(self) -> float:
+        """The fill equal to removing every cell (shared by the curves of a case)."""
         return self.fill
 
     def masks(self, features: Features, orders: list[np.ndarray]) -> torch.Tensor:
@@ -82,9 +89,9 @@ class RemovalCurve(Metric):
     def curve(self, case: Case) -> np.ndarray:
         """``(steps + 1, batch)``: the target's probability (or score) at each step. The two
         ends (the clean image, every cell removed) are shared by all curves of a case."""
-        bound = case.memo.get("bound") or case.memo.setdefault(
-            "bound", case.target.bind(case.vlm, case.inputs)
-        )
+        if "bound" not in case.memo:
+            case.memo["bound"] = case.target.bind(case.vlm, case.inputs)
+        bound = case.memo["bound"]
         features = Features.of(case.vlm, bound.inputs)
         masks = self.masks(features, cell_orders(case, features))
         inner = masked_forwards(case.vlm, bound, masks[1:-1], self.batch_size, self.filler(case))
@@ -94,9 +101,8 @@ class RemovalCurve(Metric):
         return (scores.exp() if bound.log_prob else scores).numpy()
 
     def _ends(self, case: Case, bound: Any, features: Features) -> torch.Tensor:
-        """Scores ``(2, batch)`` of the clean image and of every cell removed (to ``fill``;
-        ROAD's imputation of a fully removed image is the mean colour, fill 0)."""
-        fill = 0.0 if isinstance(self, Road) else self.fill
+        """Scores ``(2, batch)`` of the clean image and of every cell removed."""
+        fill = self.blank_fill
         key = ("ends", fill)
         if key not in case.memo:
             ends = torch.ones(2, features.size)
@@ -108,7 +114,7 @@ class RemovalCurve(Metric):
     def __call__(self, case: Case) -> np.ndarray:
         curve = self.curve(case)
         x = np.linspace(0.0, 1.0, self.steps + 1)
-        return np.trapezoid(curve, x, axis=0)
+        return np.asarray(trapezoid(curve, x, axis=0))
 
 
 @register("deletion", kind="metric", family=FAMILY, paper="Petsiuk et al. 2018", level=LEVEL)
@@ -137,6 +143,10 @@ class Road(RemovalCurve):
         if self.noise < 0:
             raise InputError(f"noise must be at least 0, not {noise}")
         self.seed = int(seed)
+
+    @property
+    def blank_fill(self) -> float:
+        return 0.0  # imputing a fully removed image gives the mean colour
 
     def filler(self, case: Case) -> Fill:
         sigma = self.noise * case.vlm.pixel_range
