@@ -25,7 +25,7 @@ import numpy as np
 from mmscope.bench.baselines import OracleMap, RandomMap
 from mmscope.bench.items import BenchItem
 from mmscope.core.errors import InputError, NotApplicableError
-from mmscope.core.targets import default_target
+from mmscope.core.targets import Predicted, Target, TokenId, default_target
 from mmscope.core.validate import integer, positive_int
 from mmscope.methods.explain import attribution_methods, make_method
 from mmscope.metrics.base import Case, MetricResult, make_metric, metric_keys
@@ -145,6 +145,14 @@ def answers_right(vlm: VLM, items: Sequence[BenchItem]) -> list[bool]:
     return [not it.answer or a.strip().lower() == it.answer.lower() for it, a in zip(items, said)]
 
 
+def _frozen(vlm: VLM, inputs: Any) -> Target:
+    """The model's own next token, frozen per item (``TokenId``), so the metrics that re-run a
+    method on a randomised or noisy model ask about the same token (Adebayo et al. keep the
+    class); CLIP's similarity as it is."""
+    target = default_target(vlm)
+    return TokenId(target.token_ids(vlm, inputs)) if isinstance(target, Predicted) else target
+
+
 def _explainer(key: str, config: BenchConfig, start: int, masks: list[Any]) -> Any:
     if key == "random":
         return RandomMap(range(start, start + len(masks)))
@@ -181,7 +189,7 @@ def run_leaderboard(
             group = [items[i] for i in chunk]
             right = answers_right(vlm, group)
             inputs = vlm.prepare([it.image for it in group], [it.prompt for it in group])
-            target = default_target(vlm)
+            target = _frozen(vlm, inputs)
             evidence = [it.mask for it in group]
             scored = tuple(m if ok else None for m, ok in zip(evidence, right))
             for key in todo:

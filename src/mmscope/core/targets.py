@@ -111,16 +111,26 @@ def _last(inputs: Inputs) -> tuple[tuple[int, ...], ...]:
 
 
 class TokenId(Target):
-    """Log-probability of token ``id`` as the next token."""
+    """Log-probability of token ``id`` as the next token; a sequence gives each batch item its
+    own id (``Predicted().token_ids(...)`` frozen, so a perturbed or randomised model is asked
+    about the same token)."""
 
-    def __init__(self, id: int) -> None:
-        self.id: int = integer("TokenId's id", id)
+    def __init__(self, id: int | Sequence[int]) -> None:
+        self.id: int | tuple[int, ...] = (
+            tuple(integer("TokenId's id", i) for i in id)
+            if isinstance(id, Sequence) and not isinstance(id, str)
+            else integer("TokenId's id", id)
+        )
 
     def bind(self, vlm: VLM, inputs: Inputs) -> BoundTarget:
         _decoder_only(vlm, self)
-        if not 0 <= self.id < len(vlm.tokenizer):
-            raise InputError(f"token id {self.id} is outside the vocabulary of {vlm.name}")
-        return _next_token_target(vlm, inputs, [self.id] * inputs.batch_size, "")
+        ids = list(self.id) if isinstance(self.id, tuple) else [self.id] * inputs.batch_size
+        if len(ids) != inputs.batch_size:
+            raise InputError(f"{len(ids)} token ids for a batch of {inputs.batch_size}")
+        for i in ids:
+            if not 0 <= i < len(vlm.tokenizer):
+                raise InputError(f"token id {i} is outside the vocabulary of {vlm.name}")
+        return _next_token_target(vlm, inputs, ids, "")
 
 
 class Token(Target):
@@ -137,11 +147,14 @@ class Token(Target):
 class Predicted(Target):
     """Log-probability of the model's own top next token, per item (the answer's first word)."""
 
-    def bind(self, vlm: VLM, inputs: Inputs) -> BoundTarget:
+    def token_ids(self, vlm: VLM, inputs: Inputs) -> list[int]:
+        """Each item's top next token."""
         _decoder_only(vlm, self)
         with torch.no_grad():
-            top = _logits(vlm.forward(inputs))[:, -1].argmax(-1).tolist()
-        return _next_token_target(vlm, inputs, top, "")
+            return [int(i) for i in _logits(vlm.forward(inputs))[:, -1].argmax(-1).tolist()]
+
+    def bind(self, vlm: VLM, inputs: Inputs) -> BoundTarget:
+        return _next_token_target(vlm, inputs, self.token_ids(vlm, inputs), "")
 
 
 class Contrast(Target):

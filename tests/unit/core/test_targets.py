@@ -116,3 +116,22 @@ def test_one_text_for_several_images_is_paired_with_each(tiny_clip, scene_image)
     assert [w for w, _ in exp.text_map(item=1)] == [w for w, _ in alone.text_map()]
     assert exp.text_scores[1] == pytest.approx(alone.text_scores[0], rel=1e-3, abs=1e-6)
     assert len(exp.extras["completeness_gap"]) == 2
+
+
+def test_token_ids_per_item_freeze_the_predicted_tokens(tiny_llava):
+    from mmscope.world import render, sample_scenes
+
+    images = [render(s, 48).image for s in sample_scenes(3, 2)]
+    batch = tiny_llava.prepare(images, ["what color is the circle ?"] * 2 + ["how many ?"])
+    ids = Predicted().token_ids(tiny_llava, batch)
+    frozen = TokenId(ids).bind(tiny_llava, batch)
+    live = Predicted().bind(tiny_llava, batch)
+    with torch.no_grad():
+        out = tiny_llava.forward(batch)
+        assert torch.equal(frozen(out), live(out)) and frozen.labels == live.labels
+        tiled = batch.tile(2)  # methods batch masked copies this way
+        assert torch.equal(frozen(tiny_llava.forward(tiled)), live(tiny_llava.forward(tiled)))
+    with pytest.raises(InputError, match="3 token ids for a batch of 1"):
+        TokenId(ids).bind(tiny_llava, tiny_llava.prepare(images[0], "what ?"))
+    with pytest.raises(InputError):
+        TokenId([1, "x"])
