@@ -9,23 +9,11 @@ import torch
 
 from mmscope.core.errors import InputError
 from mmscope.core.state import model_state
-from mmscope.core.targets import Predicted, Similarity
+from mmscope.core.targets import Predicted
 from mmscope.methods.explain import make_method
 from mmscope.metrics.base import Case, make_metric
 from mmscope.metrics.robustness import MaxSensitivity
 from mmscope.world import render, sample_scenes
-
-
-@pytest.fixture(scope="module")
-def image():
-    return render(sample_scenes(1, 5)[0], 48).image
-
-
-def _case(vlm, image, method):
-    prompt = "a red circle" if vlm.contrastive else "what color is the circle ?"
-    inputs = vlm.prepare(image, prompt)
-    target = Similarity() if vlm.contrastive else Predicted()
-    return Case(vlm, inputs, target, method(vlm, inputs, target), method)
 
 
 def _with_maps(explanation, maps):
@@ -59,15 +47,15 @@ def _patch_mean(vlm, values, inputs):
     return (grid / (values[0].numel() / grid.numel())).numpy().astype(np.float64)
 
 
-def test_zero_for_maps_that_ignore_the_input(tiny_llava, image):
-    case = _case(tiny_llava, image, make_method("saliency"))
+def test_zero_for_maps_that_ignore_the_input(tiny_llava, image, make_case):
+    case = make_case(tiny_llava, image, make_method("saliency"))
     fixed = Fixed(case.explanation)
     assert MaxSensitivity(samples=3)(replace(case, method=fixed))[0] == 0.0
     assert fixed.calls == 3
 
 
-def test_the_largest_relative_change_by_hand(tiny_llava, image):
-    case = _case(tiny_llava, image, make_method("saliency"))
+def test_the_largest_relative_change_by_hand(tiny_llava, image, make_case):
+    case = make_case(tiny_llava, image, make_method("saliency"))
     fixed = Fixed(case.explanation, factors=[1.1, 0.8, 1.25, 1.0])
     score = MaxSensitivity(samples=4)(replace(case, method=fixed))
     assert score[0] == pytest.approx(0.25, rel=1e-6)
@@ -76,11 +64,11 @@ def test_the_largest_relative_change_by_hand(tiny_llava, image):
     assert np.isnan(MaxSensitivity(samples=1)(case)[0])
 
 
-def test_patch_means_move_by_the_mean_of_the_noise(tiny_llava, image):
+def test_patch_means_move_by_the_mean_of_the_noise(tiny_llava, image, make_case):
     """For map = mean pixel per patch, map_j - map is the mean noise per patch: reproduce the
     documented draw (uniform in [-r * range, r * range], float32 on the CPU, element-wise)."""
     vlm = tiny_llava
-    case = _case(vlm, image, make_method("saliency"))
+    case = make_case(vlm, image, make_method("saliency"))
     inputs = case.inputs
     method = PatchMean(case.explanation)
     case = replace(case, explanation=method(vlm, inputs, case.target), method=method)
@@ -102,9 +90,9 @@ def test_patch_means_move_by_the_mean_of_the_noise(tiny_llava, image):
     assert MaxSensitivity(samples=3, radius=0.0)(case)[0] == 0.0
 
 
-def test_saliency_is_sensitive_and_the_model_is_untouched(tiny_llava, image):
+def test_saliency_is_sensitive_and_the_model_is_untouched(tiny_llava, image, make_case):
     vlm = tiny_llava
-    case = _case(vlm, image, make_method("saliency"))
+    case = make_case(vlm, image, make_method("saliency"))
     before = model_state(vlm.model)
     score = MaxSensitivity(samples=3)(case)
     assert model_state(vlm.model) == before
@@ -112,9 +100,9 @@ def test_saliency_is_sensitive_and_the_model_is_untouched(tiny_llava, image):
     assert MaxSensitivity(samples=2, radius=0.0)(case)[0] == 0.0
 
 
-def test_every_architecture(any_vlm, image):
+def test_every_architecture(any_vlm, image, make_case):
     vlm = any_vlm
-    case = _case(vlm, image, make_method("saliency"))
+    case = make_case(vlm, image, make_method("saliency"))
     before = model_state(vlm.model)
     score = MaxSensitivity(samples=2, radius=0.05)(case)
     assert model_state(vlm.model) == before
@@ -132,7 +120,7 @@ def test_a_batch_scores_each_item(tiny_llava, image):
     assert score.shape == (2,) and np.all(score > 0)
 
 
-def test_registry_and_bad_settings(tiny_llava, image):
+def test_registry_and_bad_settings(tiny_llava, image, make_case):
     metric = make_metric("max_sensitivity", samples=2)
     assert isinstance(metric, MaxSensitivity)
     assert metric.settings == {"samples": 2, "radius": 0.05, "seed": 0}
@@ -147,6 +135,6 @@ def test_registry_and_bad_settings(tiny_llava, image):
     ):
         with pytest.raises(InputError):
             MaxSensitivity(**bad)
-    case = _case(tiny_llava, image, make_method("saliency"))
+    case = make_case(tiny_llava, image, make_method("saliency"))
     with pytest.raises(InputError):
         MaxSensitivity()(replace(case, method=None))

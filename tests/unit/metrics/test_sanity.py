@@ -8,9 +8,8 @@ import pytest
 
 from mmscope.core.errors import InputError
 from mmscope.core.state import model_state
-from mmscope.core.targets import Predicted, Similarity
 from mmscope.methods.explain import make_method
-from mmscope.metrics.base import Case, make_metric
+from mmscope.metrics.base import make_metric
 from mmscope.metrics.sanity import (
     Randomisation,
     cascade_correlations,
@@ -18,19 +17,6 @@ from mmscope.metrics.sanity import (
     rank_correlation,
     stage_ends,
 )
-from mmscope.world import render, sample_scenes
-
-
-@pytest.fixture(scope="module")
-def image():
-    return render(sample_scenes(1, 5)[0], 48).image
-
-
-def _case(vlm, image, method):
-    prompt = "a red circle" if vlm.contrastive else "what color is the circle ?"
-    inputs = vlm.prepare(image, prompt)
-    target = Similarity() if vlm.contrastive else Predicted()
-    return Case(vlm, inputs, target, method(vlm, inputs, target), method)
 
 
 class Fixed:
@@ -63,10 +49,10 @@ def test_rank_correlation_by_hand():
     assert np.isnan(rank_correlation(a, np.ones(4)))
 
 
-def test_a_method_that_ignores_the_model_keeps_correlation_one(tiny_llava, image):
+def test_a_method_that_ignores_the_model_keeps_correlation_one(tiny_llava, image, make_case):
     vlm = tiny_llava
     saliency = make_method("saliency")
-    case = _case(vlm, image, saliency)
+    case = make_case(vlm, image, saliency)
     case = replace(case, method=Fixed(case.explanation))
     before = model_state(vlm.model)
     curve = cascade_correlations(case, stages=3)
@@ -75,9 +61,9 @@ def test_a_method_that_ignores_the_model_keeps_correlation_one(tiny_llava, image
     assert model_state(vlm.model) == before
 
 
-def test_saliency_decorrelates_and_the_model_is_restored(tiny_llava, image):
+def test_saliency_decorrelates_and_the_model_is_restored(tiny_llava, image, make_case):
     vlm = tiny_llava
-    case = _case(vlm, image, make_method("saliency"))
+    case = make_case(vlm, image, make_method("saliency"))
     before = model_state(vlm.model)
     score = Randomisation(stages=3)(case)
     assert model_state(vlm.model) == before
@@ -88,10 +74,10 @@ def test_saliency_decorrelates_and_the_model_is_restored(tiny_llava, image):
     )
 
 
-def test_the_model_is_restored_when_the_method_raises(tiny_llava, image):
+def test_the_model_is_restored_when_the_method_raises(tiny_llava, image, make_case):
     vlm = tiny_llava
     saliency = make_method("saliency")
-    case = _case(vlm, image, saliency)
+    case = make_case(vlm, image, saliency)
     before = model_state(vlm.model)
     seen = []
 
@@ -107,9 +93,9 @@ def test_the_model_is_restored_when_the_method_raises(tiny_llava, image):
     assert model_state(vlm.model) == before
 
 
-def test_every_architecture(any_vlm, image):
+def test_every_architecture(any_vlm, image, make_case):
     vlm = any_vlm
-    case = _case(vlm, image, make_method("saliency"))
+    case = make_case(vlm, image, make_method("saliency"))
     before = model_state(vlm.model)
     curve = cascade_correlations(case, stages=2, seed=1)
     assert model_state(vlm.model) == before
@@ -118,7 +104,7 @@ def test_every_architecture(any_vlm, image):
     assert not np.isnan(curve[-1, 0]) and curve[-1, 0] < 0.95
 
 
-def test_registry_and_bad_settings(tiny_llava, image):
+def test_registry_and_bad_settings(tiny_llava, image, make_case):
     metric = make_metric("randomisation", stages=2)
     assert isinstance(metric, Randomisation) and metric.settings == {"stages": 2, "seed": 0}
     assert metric.category == "randomisation" and not metric.higher_is_better
@@ -126,6 +112,6 @@ def test_registry_and_bad_settings(tiny_llava, image):
         Randomisation(stages=0)
     with pytest.raises(InputError):
         Randomisation(seed=-1)
-    case = _case(tiny_llava, image, make_method("saliency"))
+    case = make_case(tiny_llava, image, make_method("saliency"))
     with pytest.raises(InputError):
         Randomisation()(replace(case, method=None))
