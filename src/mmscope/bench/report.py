@@ -32,15 +32,13 @@ def failing_sanity(results: Sequence[MetricResult]) -> list[str]:
 
 
 def _figure(rows: list[dict[str, Any]]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     metrics = list(dict.fromkeys(r["metric"] for r in rows))
     cols = min(3, len(metrics)) or 1
     lines = -(-len(metrics) // cols)
-    fig, axes = plt.subplots(lines, cols, figsize=(4.2 * cols, 4.2 * lines), squeeze=False)
+    fig = Figure(figsize=(4.2 * cols, 4.2 * lines))
+    axes = fig.subplots(lines, cols, squeeze=False)
     for ax, metric in zip(axes.flat, metrics):
         mine = [r for r in rows if r["metric"] == metric and r["mean"] is not None]
         mine.sort(key=lambda r: r["mean"], reverse=not mine[0]["higher_is_better"])
@@ -58,7 +56,6 @@ def _figure(rows: list[dict[str, Any]]) -> str:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 

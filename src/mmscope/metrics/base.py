@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -109,19 +109,34 @@ def make_metric(key: str, **settings: Any) -> Metric:
 def bootstrap_ci(
     values: Sequence[float] | np.ndarray, level: float = 0.95, resamples: int = 2000, seed: int = 0
 ) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the mean (NaNs dropped; scipy's
-    ``bootstrap``). One value gives ``(v, v)``, none gives ``(nan, nan)``."""
+    """Percentile bootstrap confidence interval of the mean (NaNs dropped). One value gives
+    ``(v, v)``, none gives ``(nan, nan)``."""
     x = np.asarray(values, dtype=np.float64)
-    x = x[~np.isnan(x)]
-    if x.size == 0:
+    return bootstrap_interval((x[~np.isnan(x)],), np.mean, level, resamples, seed)
+
+
+def bootstrap_interval(
+    samples: tuple[np.ndarray, ...],
+    statistic: Callable[..., float],
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(*samples)``, the samples resampled as
+    paired items (scipy's ``bootstrap``), e.g. F1 of (predicted, true) answers."""
+    n = len(samples[0])
+    if n == 0:
         return (float("nan"), float("nan"))
-    if x.size == 1 or np.all(x == x[0]):
-        return (float(x[0]), float(x[0]))
+    if n == 1 or all(np.all(s == s[0]) for s in samples):
+        value = float(statistic(*samples))
+        return (value, value)
     from scipy.stats import bootstrap
 
     res = bootstrap(
-        (x,),
-        np.mean,
+        samples,
+        statistic,
+        paired=True,
+        vectorized=False,
         confidence_level=level,
         n_resamples=resamples,
         method="percentile",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -19,7 +19,7 @@ import numpy as np
 
 from mmscope.core.errors import InputError
 from mmscope.core.registry import register
-from mmscope.metrics.base import LEVEL, bootstrap_ci
+from mmscope.metrics.base import LEVEL, bootstrap_ci, bootstrap_interval
 from mmscope.toys.evaluate import EVAL_SEED
 from mmscope.world import DESCRIBE_PROMPT, pope_questions, render, sample_scenes
 from mmscope.world.captions import caption_objects
@@ -138,15 +138,6 @@ def load_pope_jsonl(path: str | Path, images_dir: str | Path | None = None) -> l
     return items
 
 
-def _bootstrap(
-    n: int, stat: Callable[[np.ndarray], float], resamples: int = 1000, seed: int = 0
-) -> tuple[float, float]:
-    """Percentile 95% interval of ``stat(indices)`` over item resamples."""
-    rng = np.random.default_rng(seed)
-    draws = [stat(rng.integers(0, n, n)) for _ in range(resamples)]
-    return (float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5)))
-
-
 @dataclass(frozen=True)
 class HallucinationResult:
     """Scores of one hallucination metric, their 95% intervals, and every item's record."""
@@ -249,8 +240,8 @@ class Pope:
         scores = {**_confusion(pred, truth), "n": len(items)}
         ci = {
             "accuracy": bootstrap_ci((pred == truth).astype(float), seed=self.seed),
-            "f1": _bootstrap(
-                len(items), lambda i: _confusion(pred[i], truth[i])["f1"], seed=self.seed
+            "f1": bootstrap_interval(
+                (pred, truth), lambda p, t: _confusion(p, t)["f1"], seed=self.seed
             ),
         }
         per_item = tuple(
@@ -302,8 +293,8 @@ class Chair:
         n_found = np.array([len(f) for f in found], dtype=float)
         n_wrong = np.array([len(w) for w in wrong], dtype=float)
         ci = {
-            "chair_i": _bootstrap(
-                len(scenes), lambda i: n_wrong[i].sum() / max(1.0, n_found[i].sum()), seed=self.seed
+            "chair_i": bootstrap_interval(
+                (n_wrong, n_found), lambda w, f: w.sum() / max(1.0, f.sum()), seed=self.seed
             ),
             "chair_s": bootstrap_ci((n_wrong > 0).astype(float), seed=self.seed),
         }
