@@ -42,3 +42,18 @@ def scene_image():
     from mmscope.world import render, sample_scenes
 
     return render(sample_scenes(1, 3)[0], 48).image
+
+
+@pytest.fixture(scope="session")
+def toy_llava():
+    """The shipped toy-llava (trained on the world), for checks against the world's truth."""
+    from mmscope.models import load
+
+    return load("toy-llava")
+
+
+@pytest.fixture(scope="session")
+def toy_clip():
+    from mmscope.models import load
+
+    return load("toy-clip")

@@ -1,11 +1,12 @@
 """The only module that touches torch hooks.
 
-``capture``, ``patch`` and ``ablate`` are context managers over *sites* (``lm.layer[3]``,
-``lm.layer[0].mlp.act``, ``vision.layer[1].attn.probs``, ``projector``) resolved by the
-adapter; whatever they add is removed in ``finally``, also when the forward raises
-(the TransformerLens habit). A site's value is its module's main output tensor; a
-``.probs`` site is an attention module's probabilities and switches on eager attention
-for the duration.
+``capture``, ``patch``, ``ablate`` and ``mask_attention`` are context managers over *sites*
+(``lm.layer[3]``, ``lm.layer[0].mlp.act``, ``vision.layer[1].attn.probs``, ``projector``)
+resolved by the adapter; whatever they add is removed in ``finally``, also when the forward
+raises (the TransformerLens habit). A site's value is its module's main output tensor; a
+``.probs`` site is an attention module's probabilities and switches on eager attention for
+the duration; a ``.heads`` site is the *input* of an attention's output projection, the
+heads' outputs side by side (``(..., heads * head_dim)``), where heads are read and masked.
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ def _needs_eager(sites: Sequence[str]) -> bool:
     return any(site.endswith(".probs") for site in sites)
 
 
+def _reads_input(site: str) -> bool:
+    return site.endswith(".heads")
+
+
 @contextmanager
 def _hooks(
     vlm: VLM,
@@ -90,7 +95,11 @@ def _hooks(
         if _needs_eager(sites):
             stack.enter_context(vlm.attention("eager"))
         for site, module in modules:
-            stack.callback(module.register_forward_hook(make(site), prepend=prepend).remove)
+            if _reads_input(site):
+                handle = module.register_forward_pre_hook(make(site), prepend=prepend)
+            else:
+                handle = module.register_forward_hook(make(site), prepend=prepend)
+            stack.callback(handle.remove)
         yield
 
 
@@ -113,8 +122,11 @@ def capture(
     def make(site: str) -> Callable[..., None]:
         probs = site.endswith(".probs")
 
-        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            value = _probs(output, site) if probs else _main(output)
+        def hook(module: torch.nn.Module, args: Any, output: Any = None) -> None:
+            if _reads_input(site):
+                value = args[0]
+            else:
+                value = _probs(output, site) if probs else _main(output)
             cap._values[site].append(value if keep_graph else value.detach())
             if grads and value.requires_grad:
                 slot = len(cap._grads[site])
@@ -139,7 +151,9 @@ def patch(vlm: VLM, patches: Mapping[str, PatchFn]) -> Iterator[None]:
         probs = site.endswith(".probs")
         fn = patches[site]
 
-        def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+        def hook(module: torch.nn.Module, args: Any, output: Any = None) -> Any:
+            if _reads_input(site):
+                return (fn(args[0]), *args[1:])
             value = _probs(output, site) if probs else _main(output)
             return _replace(output, fn(value), probs)
 
@@ -177,4 +191,44 @@ def ablate(
         return out.index_copy(seq_dim, index, sel)
 
     with patch(vlm, {site: fn for site in names}):
+        yield
+
+
+@contextmanager
+def mask_attention(vlm: VLM, blocked: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Forbid attention between chosen (query, key) pairs at attention sites (``lm.layer[3].attn``).
+
+    ``blocked[site]`` is bool ``(batch, queries, keys)`` or ``(queries, keys)``, True where the
+    query may not read the key: the pair is masked before the softmax, which renormalises
+    over the keys left (attention knockout; FastV's pruning, as seen from the kept tokens).
+    Runs with eager attention, whose additive mask every architecture accepts.
+    """
+    modules = [(vlm.resolve(site), block) for site, block in blocked.items()]
+
+    def make(block: torch.Tensor) -> Callable[..., Any]:
+        def hook(module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> Any:
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            if hidden is None:
+                raise SiteError("mask_attention needs an attention module called with its input")
+            batch, length = hidden.shape[0], hidden.shape[1]
+            mask = kwargs.get("attention_mask")
+            if mask is None:
+                mask = torch.zeros(batch, 1, length, length, dtype=hidden.dtype)
+            elif mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, dtype=hidden.dtype).masked_fill(
+                    ~mask, torch.finfo(hidden.dtype).min
+                )
+            cut = block.to(mask.device)
+            cut = cut.view(-1, 1, *cut.shape[-2:])[..., : mask.shape[-2], : mask.shape[-1]]
+            low = torch.tensor(torch.finfo(mask.dtype).min, dtype=mask.dtype, device=mask.device)
+            mask = torch.where(cut, low, mask)
+            return args, {**kwargs, "attention_mask": mask}
+
+        return hook
+
+    with ExitStack() as stack:
+        stack.enter_context(vlm.attention("eager"))
+        for module, block in modules:
+            handle = module.register_forward_pre_hook(make(block), with_kwargs=True)
+            stack.callback(handle.remove)
         yield

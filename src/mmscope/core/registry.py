@@ -6,11 +6,12 @@ adds a class under a key; duplicate keys raise. Lookups never use if/elif string
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from mmscope.core.errors import RegistryError
+from mmscope.core.errors import InputError, RegistryError
 from mmscope.core.taxonomy import LEVELS
 
 T = TypeVar("T")
@@ -65,6 +66,17 @@ class Registry:
         except KeyError:
             known = ", ".join(sorted(self.keys(kind))) or "none"
             raise RegistryError(f"unknown {kind} {key!r}; known: {known}") from None
+
+    def make(self, key: str, kind: str = "method", **settings: Any) -> Any:
+        """An instance of the registered class ``key`` with ``settings``; settings it does not
+        take raise ``InputError`` naming the ones it does."""
+        entry = self.get(key, kind)
+        try:
+            inspect.signature(entry.obj).bind(**settings)
+        except TypeError as err:
+            params = ", ".join(inspect.signature(entry.obj).parameters)
+            raise InputError(f"{kind} {key} takes the settings ({params}): {err}") from None
+        return entry.obj(**settings)
 
     def keys(self, kind: str = "method") -> list[str]:
         return [k for (knd, k) in self._entries if knd == kind]

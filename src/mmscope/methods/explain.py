@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING, Any
 
 import mmscope.methods  # noqa: F401  (registers the methods)
@@ -27,12 +26,7 @@ def make_method(method: str, **settings: Any) -> Attribution:
     entry = REGISTRY.get(method)
     if not entry.family.startswith("attribution/"):
         raise InputError(f"{method!r} is not an attribution method; see attribution_methods()")
-    try:
-        inspect.signature(entry.obj).bind(**settings)
-    except TypeError as err:
-        params = ", ".join(inspect.signature(entry.obj).parameters)
-        raise InputError(f"{method} takes the settings ({params}): {err}") from None
-    return entry.obj(**settings)  # type: ignore[no-any-return]
+    return REGISTRY.make(method, **settings)  # type: ignore[no-any-return]
 
 
 def explain(

@@ -9,7 +9,6 @@ one number per batch item, NaN where the metric does not apply to that item.
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -98,12 +97,7 @@ def make_metric(key: str, **settings: Any) -> Metric:
     """A registered metric from its key and settings (bad settings raise InputError)."""
     import mmscope.metrics  # noqa: F401  (registers them)
 
-    entry = REGISTRY.get(key, kind="metric")
-    try:
-        inspect.signature(entry.obj).bind(**settings)
-    except TypeError as err:
-        raise InputError(f"metric {key} does not take these settings: {err}") from None
-    return entry.obj(**settings)  # type: ignore[no-any-return]
+    return REGISTRY.make(key, "metric", **settings)  # type: ignore[no-any-return]
 
 
 def bootstrap_ci(

@@ -76,6 +76,16 @@ class VLM:
             )
         return len(self.model.get_submodule(self.LAYER_LISTS[stack]))
 
+    def num_heads(self, stack: str) -> int:
+        """Attention heads per layer of a stack such as ``"lm.layer"``."""
+        attn = self.resolve(f"{stack}[0].attn")
+        heads = getattr(attn, "num_heads", None) or getattr(
+            getattr(attn, "config", None), "num_attention_heads", None
+        )
+        if not heads:
+            raise SiteError(f"cannot tell how many heads {stack} of {self.name} has")
+        return int(heads)
+
     def resolve(self, site: str) -> torch.nn.Module:
         """The module at a site such as ``"lm.layer[-1].mlp"`` or ``"projector"``."""
         role, index = parse_site(site)

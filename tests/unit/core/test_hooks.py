@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmscope.core.errors import SiteError
-from mmscope.core.hooks import ablate, capture, patch
+from mmscope.core.hooks import ablate, capture, mask_attention, patch
 from mmscope.core.state import model_state
 
 
@@ -146,3 +146,43 @@ def test_patch_reaches_what_transformers_records(tiny_llava, inputs):
         with patch(tiny_llava, {site: lambda h: h * 0 + 5}):
             patched = tiny_llava.forward(inputs).logits
     assert not torch.allclose(clean, patched)
+
+
+def test_heads_site_is_the_output_projection_input(tiny_llava, inputs):
+    site = "lm.layer[0].attn.heads"
+    with torch.no_grad(), capture(tiny_llava, [site, "lm.layer[0].attn"]) as cap:
+        tiny_llava.forward(inputs)
+    o_proj = tiny_llava.resolve(site)
+    assert torch.allclose(o_proj(cap[site]), cap["lm.layer[0].attn"], atol=1e-6)
+    # zeroing every head's slice leaves the projection's bias-free output at zero
+    with torch.no_grad(), ablate(tiny_llava, site), capture(tiny_llava, "lm.layer[0].attn") as c2:
+        tiny_llava.forward(inputs)
+    assert torch.allclose(c2["lm.layer[0].attn"], torch.zeros(1))
+
+
+def _manual_knockout(probs: torch.Tensor, query: int, keys: list[int]) -> torch.Tensor:
+    """Blocking keys before the softmax = zeroing them after it and renormalising the row."""
+    out = probs.clone()
+    out[:, :, query, keys] = 0
+    return out / out.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("vlm_name", ["tiny_llava", "tiny_clip"])
+def test_mask_attention_renormalises_over_the_keys_left(vlm_name, request, scene_image):
+    vlm = request.getfixturevalue(vlm_name)
+    stack = "lm.layer" if vlm_name == "tiny_llava" else "vision.layer"
+    prompt = "a red circle" if vlm.contrastive else "what color is the circle ?"
+    inputs = vlm.prepare(scene_image, prompt)
+    site = f"{stack}[1].attn"
+    with torch.no_grad(), capture(vlm, site + ".probs") as cap:
+        vlm.forward(inputs)
+    probs = cap[site + ".probs"]
+    length = probs.shape[-1]
+    query, keys = length - 1, [1, 2, 5]
+    block = torch.zeros(length, length, dtype=torch.bool)
+    block[query, keys] = True
+    before = model_state(vlm.model)
+    with torch.no_grad(), mask_attention(vlm, {site: block}), capture(vlm, site + ".probs") as c2:
+        vlm.forward(inputs)
+    assert model_state(vlm.model) == before
+    assert torch.allclose(c2[site + ".probs"], _manual_knockout(probs, query, keys), atol=1e-5)

@@ -1,0 +1,133 @@
+"""Analyses of what happens inside a model, and the habits their results share.
+
+Attribution methods answer *which inputs* with an ``Explanation``; analyses answer *where
+inside* (logit lens, token ablation, attention knockout, causal tracing, heads, pruning) and
+return their own small frozen result types. Like methods, an analysis takes its settings in
+``__init__`` and its data in ``__call__(vlm, inputs, target, ...)``; its result has
+``to_dict``, ``plot`` and ``save``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mmscope.core.errors import InputError, NotApplicableError
+from mmscope.core.explanation import _jsonable
+from mmscope.core.registry import REGISTRY
+from mmscope.core.targets import (
+    BoundTarget,
+    Predicted,
+    Target,
+    Token,
+    TokenId,
+    default_target,
+    token_id,
+)
+
+if TYPE_CHECKING:
+    from mmscope.core.inputs import Inputs
+    from mmscope.models.base import VLM
+
+KIND = "analysis"
+
+
+class Analysis:
+    """Base of analyses: subclasses set their settings in ``__init__`` and implement
+    ``__call__``. Nothing is cached on ``self``; the model is left as it was found."""
+
+    def __call__(self, vlm: VLM, inputs: Inputs, target: Target | None = None) -> Any:
+        raise NotImplementedError
+
+
+class Result:
+    """Habits of analysis results (frozen dataclasses): ``to_dict``, ``plot``, ``save``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def plot(self, ax: Any = None) -> Any:
+        """A matplotlib figure of the result (``ax``: draw into these axes instead)."""
+        raise NotImplementedError
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``to_dict`` as JSON; a ``.png`` path writes the figure instead."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".png":
+            _figure(self.plot()).savefig(path, dpi=100, bbox_inches="tight")
+        else:
+            path.write_text(json.dumps(_jsonable(self.to_dict())) + "\n")
+        return path
+
+    def _repr_html_(self) -> str:
+        buf = io.BytesIO()
+        _figure(self.plot()).savefig(buf, format="png", dpi=80, bbox_inches="tight")
+        return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"/>'
+
+
+def _figure(drawn: Any) -> Any:
+    return getattr(drawn, "figure", drawn)
+
+
+def new_figure(width: float, height: float, ax: Any = None) -> tuple[Any, Any]:
+    """(figure, axes): the given axes' figure, or a new figure not tied to pyplot's state."""
+    if ax is not None:
+        return ax.figure, ax
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    return fig, fig.add_subplot()
+
+
+def analyses() -> list[str]:
+    """Keys of every registered analysis, sorted."""
+    import mmscope.methods  # noqa: F401  (registers them)
+
+    return sorted(REGISTRY.keys(KIND))
+
+
+def make_analysis(key: str, **settings: Any) -> Any:
+    """A registered analysis from its key and settings (bad settings raise InputError)."""
+    import mmscope.methods  # noqa: F401  (registers them)
+
+    return REGISTRY.make(key, KIND, **settings)
+
+
+def stack(vlm: VLM) -> str:
+    """The layer stack where image and prompt meet: the language model's, or for dual encoders
+    (whose image tokens never meet the text) the vision tower's."""
+    return "vision.layer" if vlm.contrastive else "lm.layer"
+
+
+def next_token_ids(vlm: VLM, inputs: Inputs, target: Target | None) -> list[int]:
+    """Per item, the token a next-token target asks about (default: the model's own answer)."""
+    if vlm.contrastive:
+        raise NotApplicableError(f"{vlm.name} is a contrastive encoder; it predicts no tokens")
+    target = target or Predicted()
+    if isinstance(target, Predicted):
+        return target.token_ids(vlm, inputs)
+    if isinstance(target, Token):
+        return [token_id(vlm, target.word)] * inputs.batch_size
+    if isinstance(target, TokenId):
+        ids = target.id
+        return list(ids) if isinstance(ids, tuple) else [ids] * inputs.batch_size
+    raise InputError(f"this analysis needs a next-token target (Token, TokenId), not {target!r}")
+
+
+def bind(vlm: VLM, inputs: Inputs, target: Target | None) -> BoundTarget:
+    """``target`` bound to the inputs; by default the model's own next token, or for dual
+    encoders each image's similarity to its text. Bind before patching the model."""
+    return (target or default_target(vlm)).bind(vlm, inputs)
+
+
+@torch.no_grad()
+def run_scores(vlm: VLM, bound: BoundTarget, inputs: Inputs | None = None) -> torch.Tensor:
+    """The bound target's first output ``(rows,)`` on one forward of ``inputs`` (default: the
+    bound inputs; a tiled copy of them scores each row against its own item)."""
+    return bound(vlm.forward(inputs or bound.inputs))[:, 0].float().cpu()

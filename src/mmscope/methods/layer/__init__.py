@@ -1,0 +1,1 @@
+"""Layer level: where, across depth, the answer forms (causal tracing, head importance)."""
