@@ -28,7 +28,18 @@ if TYPE_CHECKING:
         Token,
         TokenId,
     )
+    from mmscope.methods.analysis import analyses
     from mmscope.methods.explain import attribution_methods, explain
+    from mmscope.methods.inside import (
+        ablate_tokens,
+        analyse,
+        first_token,
+        heads,
+        knockout,
+        lens,
+        prune,
+        trace,
+    )
     from mmscope.models import VLM, load
 
 __version__ = "0.1.0"
@@ -42,6 +53,20 @@ _LAZY = {
     "Explanation": "mmscope.core.explanation",
     "explain": "mmscope.methods.explain",
     "attribution_methods": "mmscope.methods.explain",
+    "analyses": "mmscope.methods.analysis",
+    **{
+        name: "mmscope.methods.inside"
+        for name in (
+            "ablate_tokens",
+            "analyse",
+            "first_token",
+            "heads",
+            "knockout",
+            "lens",
+            "prune",
+            "trace",
+        )
+    },
     **{
         name: "mmscope.core.targets"
         for name in (
@@ -66,6 +91,15 @@ __all__ = [
     "Explanation",
     "explain",
     "attribution_methods",
+    "analyses",
+    "analyse",
+    "lens",
+    "ablate_tokens",
+    "knockout",
+    "trace",
+    "heads",
+    "prune",
+    "first_token",
     "AnswerLogProb",
     "Contrast",
     "Generated",

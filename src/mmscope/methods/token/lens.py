@@ -116,6 +116,8 @@ class LensResult(Result):
         for span in self.spans[item]:
             ax.axvspan(span.start - 0.5, span.end - 0.5, color="w", alpha=0.12)
         ax.set_yticks(range(len(self.layers)), [str(layer) for layer in self.layers], fontsize=7)
+        text = [p for p, label in enumerate(self.positions[item]) if not label.startswith("img")]
+        ax.set_xticks(text, [self.positions[item][p] for p in text], fontsize=6, rotation=90)
         ax.set_xlabel("position (image tokens shaded)", fontsize=8)
         ax.set_ylabel("layer", fontsize=8)
         ax.set_title(f"logit lens: p({self.names[self.target_ids[item]]})", fontsize=9)

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from mmscope.cli.inside import add_commands as add_inside_commands
 from mmscope.core.errors import InputError, MMScopeError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -323,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--resume", action="store_true", help="continue the run in --out")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(handler=_bench)
+
+    add_inside_commands(sub)
 
     methods = sub.add_parser("methods", help="list every registered method by survey level")
     methods.set_defaults(handler=_methods)

@@ -1,0 +1,100 @@
+"""Contract over every registered analysis, on every architecture: it leaves the model exactly
+as it found it (also when a forward raises midway), or says it does not apply; its result is
+frozen, serialises to JSON and draws a figure."""
+
+import dataclasses
+import inspect
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mmscope.core.errors import NotApplicableError
+from mmscope.core.hooks import patch
+from mmscope.core.registry import REGISTRY
+from mmscope.core.state import model_state
+from mmscope.methods.analysis import Result, analyses, make_analysis
+from mmscope.methods.inside import analyse
+
+#: Cheaper settings for the costly analyses; their defaults are exercised in their unit tests.
+FAST: dict[str, dict] = {
+    "token_ablation": {"sets": ("object", "random")},
+    "fastv": {"layers": (1,), "ratios": (0.5,)},
+    "head_importance": {"top": 2},
+}
+ANALYSES = analyses()
+
+
+def _mask(size: int = 48) -> np.ndarray:
+    mask = np.zeros((size, size), dtype=bool)
+    mask[8:24, 8:24] = True
+    return mask
+
+
+def _run(key: str, vlm, images):
+    prompts = (
+        ["a red circle", "a blue square"]
+        if vlm.contrastive
+        else ["what color is the circle ?", "how many objects are there ?"]
+    )
+    inputs = vlm.prepare(images, prompts)
+    data = {"masks": [_mask(), _mask()], "labels": [True, False]}
+    takes = inspect.signature(REGISTRY.get(key, "analysis").obj.__call__).parameters
+    data = {k: v for k, v in data.items() if k in takes}
+    return analyse(key, vlm, inputs, **FAST.get(key, {}), **data)
+
+
+def test_the_registry_has_the_inside_analyses():
+    assert {"logit_lens", "token_ablation"} <= set(ANALYSES)
+
+
+@pytest.fixture(scope="module")
+def images():
+    from mmscope.world import render, sample_scenes
+
+    return [render(s, 48).image for s in sample_scenes(2, 11)]
+
+
+@pytest.mark.parametrize("key", ANALYSES)
+def test_state_result_and_serialisation(key, any_vlm, images):
+    before = model_state(any_vlm.model)
+    try:
+        result = _run(key, any_vlm, images)
+    except NotApplicableError as err:
+        assert model_state(any_vlm.model) == before
+        assert str(err)
+        return
+    assert model_state(any_vlm.model) == before
+    assert isinstance(result, Result) and dataclasses.is_dataclass(result)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(result, dataclasses.fields(result)[0].name, None)
+    from mmscope.core.explanation import _jsonable
+
+    json.dumps(_jsonable(result.to_dict()))
+    assert result.plot() is not None
+
+
+@pytest.mark.parametrize("key", ANALYSES)
+def test_state_unchanged_when_a_forward_raises_midway(key, tiny_llava, images):
+    def explode(hidden):  # in the middle of the model, with the analysis's hooks in place
+        raise RuntimeError("boom")
+
+    tiny_llava.model.train()  # a non-default state, to see it restored
+    try:
+        with patch(tiny_llava, {"lm.layer[1]": explode}):
+            before = model_state(tiny_llava.model)
+            with pytest.raises(RuntimeError, match="boom"):
+                _run(key, tiny_llava, images)
+            assert model_state(tiny_llava.model) == before
+            assert torch.is_grad_enabled()
+    finally:
+        tiny_llava.model.eval()
+
+
+def test_settings_are_checked_by_name():
+    from mmscope.core.errors import InputError
+
+    for key in ANALYSES:
+        with pytest.raises(InputError, match="takes the settings"):
+            make_analysis(key, no_such_setting=1)
