@@ -20,7 +20,9 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_the_commands():
     out = run("--help")
     assert out.returncode == 0
-    for command in ("ask", "explain", "world", "train-toy", "toys", "demo", "methods", "bench"):
+    commands = ("ask", "explain", "world", "train-toy", "toys", "demo", "methods", "bench")
+    inside = ("lens", "ablate", "knockout", "trace", "heads", "prune", "first-token")
+    for command in commands + inside:
         assert command in out.stdout
 
 
@@ -81,6 +83,7 @@ def test_ask_answers_with_the_toy(tmp_path):
 
 def test_demo_writes_the_report(tmp_path):
     args = ["demo", "--out", str(tmp_path), "--n", "5", "--explain", "1", "--bench", "2"]
+    args += ["--inside", "12"]
     assert main(args) == 0
     html = (tmp_path / "index.html").read_text()
     assert html.count("<img") >= 10 and "what" in html or "is there" in html
@@ -91,6 +94,11 @@ def test_demo_writes_the_report(tmp_path):
     assert "explained token by token" in html
     assert "The leaderboard on 2 world questions" in html and "<td><b>oracle</b></td>" in html
     assert "Object hallucination: POPE" in html and "adversarial" in html
+    from mmscope.report.inside import SECTIONS
+
+    assert "Inside the model" in html
+    for key in SECTIONS:  # one figure per analysis
+        assert f'alt="{key}"' in html
 
 
 def test_explain_writes_overlays_scores_and_a_page(tmp_path, capsys):
@@ -158,3 +166,29 @@ def test_bench_json_rows_and_the_written_table(tmp_path, capsys):
         assert r["ci"][0] <= r["mean"] <= r["ci"][1] and r["n"] >= 1
     for name in ("leaderboard.csv", "leaderboard.json", "leaderboard.html", "results.jsonl"):
         assert (tmp_path / name).is_file()
+
+
+@pytest.mark.parametrize("command", ["lens", "ablate", "knockout", "trace", "heads", "prune"])
+def test_inside_commands_write_json_and_a_figure(command, tmp_path, capsys):
+    """Every inside-the-model command on a few world questions: JSON on stdout, files on disk."""
+    args = [command, "--out", str(tmp_path), "--json"]
+    if command in ("ablate", "prune"):
+        args += ["--n", "6"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    json_file, png_file = (tmp_path / p.split("/")[-1] for p in out["files"])
+    assert json.loads(json_file.read_text())["analysis"] == out["analysis"]
+    assert png_file.stat().st_size > 1000
+
+
+def test_inside_command_on_a_given_image_with_an_evidence_box(tmp_path, capsys):
+    from mmscope.world import render, sample_scenes
+
+    image = tmp_path / "scene.png"
+    render(sample_scenes(1, 3)[0], 48).image.save(image)
+    args = ["ablate", "--image", str(image), "--prompt", "what color is the circle ?"]
+    assert main(args + ["--box", "8,8,24,24", "--out", str(tmp_path), "--json"]) == 0
+    sets = json.loads(capsys.readouterr().out)["sets"]
+    assert sets["object"]["mean_tokens"] == sets["random"]["mean_tokens"] > 0
+    assert main(args + ["--out", str(tmp_path)]) == 2  # the object set needs a box
+    assert "--box" in capsys.readouterr().err

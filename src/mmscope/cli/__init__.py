@@ -211,7 +211,12 @@ def _demo(args: argparse.Namespace) -> int:
     from mmscope.report.demo import run_demo
 
     path = run_demo(
-        Path(args.out), model=args.model, n=args.n, explain=args.explain, bench=args.bench
+        Path(args.out),
+        model=args.model,
+        n=args.n,
+        explain=args.explain,
+        bench=args.bench,
+        inside=args.inside,
     )
     print(f"wrote {path}")
     return 0
@@ -338,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--bench", type=int, default=10, help="items of the leaderboard section (0: none)"
+    )
+    demo.add_argument(
+        "--inside", type=int, default=30, help="world questions of the inside-the-model section"
     )
     demo.add_argument("--out", default="mmscope-report")
     demo.set_defaults(handler=_demo)

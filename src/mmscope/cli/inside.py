@@ -178,6 +178,9 @@ def run(args: argparse.Namespace) -> int:
         target = _target(vlm, args, answers)
         if command.analysis in ("token_ablation", "attention_knockout"):
             data["masks"] = masks
+        wants_object = "object" in (settings.get("sets") or ("object",))
+        if command.analysis == "token_ablation" and args.image and not args.box and wants_object:
+            raise InputError("ablate --image needs --box x0,y0,x1,y1 (the evidence) or --sets")
         if args.inside == "trace" and args.corrupt_image:
             from mmscope.core.images import load_image
 

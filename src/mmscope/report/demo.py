@@ -13,6 +13,7 @@ from mmscope.methods.explain import attribution_methods, make_method
 from mmscope.models import VLM, load
 from mmscope.report.explanations import explanation_rows
 from mmscope.report.html import data_uri, write_page
+from mmscope.report.inside import inside_section
 from mmscope.world import (
     DESCRIBE_PROMPT,
     QUESTION_TYPES,
@@ -100,10 +101,12 @@ def run_demo(
     seed: int = DEMO_SEED,
     explain: int = 3,
     bench: int = 10,
+    inside: int = 30,
 ) -> Path:
     """Answer ``n`` world questions and describe a few images, explain ``explain`` of the
     answers with every attribution method, score every method on ``bench`` items (0: skip)
-    with POPE beside; write ``out_dir/index.html``."""
+    with POPE beside, run every inside-the-model analysis on ``inside`` world questions (0:
+    skip); write ``out_dir/index.html``."""
     vlm = load(model)
     scenes = sample_scenes(n, seed)
     rng = np.random.default_rng(seed)
@@ -135,6 +138,7 @@ def run_demo(
     ]
     attributions = _attributions(vlm, rendered, qs, scenes, min(explain, n)) if explain else None
     benchmark = _benchmark(vlm, out_dir, bench) if bench else None
+    analyses = inside_section(vlm, inside) if inside else None
     return write_page(
         out_dir / "index.html",
         "demo.html",
@@ -147,4 +151,5 @@ def run_demo(
         captions=captions,
         attributions=attributions,
         benchmark=benchmark,
+        inside=analyses,
     )

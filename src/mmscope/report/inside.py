@@ -1,0 +1,74 @@
+"""The demo's "inside the model" section: one figure per analysis on world questions, each with
+the finding it shows in one sentence."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Callable
+from typing import Any
+
+from mmscope.bench.items import BenchItem, world_items
+from mmscope.core.targets import TokenId, token_id
+from mmscope.methods.inside import analyse
+from mmscope.models.base import VLM
+
+#: Seed of the section's world questions.
+INSIDE_SEED = 31
+
+
+def figure_uri(figure: Any) -> str:
+    """A PNG data URI of a matplotlib figure."""
+    buf = io.BytesIO()
+    figure.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _answers(vlm: VLM, items: list[BenchItem]) -> TokenId:
+    return TokenId([token_id(vlm, it.answer.split()[0]) for it in items])
+
+
+def _lens(vlm: VLM, items: list[BenchItem]) -> tuple[Any, str]:
+    item = next((it for it in items if it.kind == "existence"), items[0])
+    result = analyse("logit_lens", vlm, vlm.prepare(item.image, item.prompt))
+    layer = result.first_top_layer(0)
+    word = result.names[result.target_ids[0]]
+    where = f"from layer {layer} on" if layer is not None else "at no layer"
+    return result, f"“{item.prompt}” → {word}: the top token at the last position {where}."
+
+
+def _ablation(vlm: VLM, items: list[BenchItem]) -> tuple[Any, str]:
+    chosen = [it for it in items if it.mask is not None and it.kind != "count"]
+    inputs = vlm.prepare([it.image for it in chosen], [it.prompt for it in chosen])
+    result = analyse(
+        "token_ablation", vlm, inputs, _answers(vlm, chosen), masks=[it.mask for it in chosen]
+    )
+    return result, (
+        f"On {len(chosen)} questions, replacing the evidence object's tokens flips "
+        f"{result.flip_rate('object'):.0%} of the right answers; as many random tokens "
+        f"{result.flip_rate('random'):.0%}."
+    )
+
+
+SECTIONS: dict[str, tuple[str, Callable[[VLM, list[BenchItem]], tuple[Any, str]]]] = {
+    "logit_lens": ("Logit lens: where the answer forms", _lens),
+    "token_ablation": ("Visual-token ablation: which image tokens the answer needs", _ablation),
+}
+
+
+def inside_section(vlm: VLM, n: int = 30) -> list[dict[str, str]]:
+    """Each analysis of ``SECTIONS`` on ``n`` world questions: title, finding, figure."""
+    if vlm.contrastive:
+        return []
+    items = world_items(n, seed=INSIDE_SEED)
+    items = [it for it in items if it.kind != "count"] or items
+    out = []
+    for key, (title, run) in SECTIONS.items():
+        result, finding = run(vlm, items)
+        out.append(
+            {"key": key, "title": title, "finding": finding, "figure": figure_uri(result.plot())}
+        )
+    return out
+
+
+__all__ = ["SECTIONS", "figure_uri", "inside_section"]
