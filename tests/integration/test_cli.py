@@ -168,16 +168,20 @@ def test_bench_json_rows_and_the_written_table(tmp_path, capsys):
         assert (tmp_path / name).is_file()
 
 
-@pytest.mark.parametrize("command", ["lens", "ablate", "knockout", "trace", "heads", "prune"])
+@pytest.mark.parametrize(
+    "command", ["lens", "ablate", "knockout", "trace", "heads", "prune", "first-token"]
+)
 def test_inside_commands_write_json_and_a_figure(command, tmp_path, capsys):
     """Every inside-the-model command on a few world questions: JSON on stdout, files on disk."""
     args = [command, "--out", str(tmp_path), "--json"]
-    if command in ("ablate", "prune"):
+    if command in ("ablate", "prune", "first-token"):
         args += ["--n", "6"]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     json_file, png_file = (tmp_path / p.split("/")[-1] for p in out["files"])
-    assert json.loads(json_file.read_text())["analysis"] == out["analysis"]
+    assert json_file.name == f"{out['analysis']}.json"
+    saved = json.loads(json_file.read_text())
+    assert saved == {k: v for k, v in out.items() if k in saved}
     assert png_file.stat().st_size > 1000
 
 

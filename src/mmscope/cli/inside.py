@@ -190,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     written = [result.save(out / f"{command.analysis}.{ext}") for ext in ("json", "png")]
     if args.json:
-        print(json.dumps({"files": [str(p) for p in written], **_summary(result)}))
+        files = [str(p) for p in written]
+        print(json.dumps({"analysis": command.analysis, "files": files, **_summary(result)}))
     else:
         print(f"wrote {written[0]} and {written[1]}")
     return 0

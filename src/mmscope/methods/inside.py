@@ -18,9 +18,7 @@ if TYPE_CHECKING:
     from mmscope.models.base import VLM
 
 
-def analyse(
-    key: str, vlm: VLM, inputs: Inputs, target: Target | None = None, **kwargs: Any
-) -> Any:
+def analyse(key: str, vlm: VLM, inputs: Inputs, target: Target | None = None, **kwargs: Any) -> Any:
     """Run the registered analysis ``key``; ``kwargs`` split into data and settings."""
     import mmscope.methods  # noqa: F401  (registers them)
 

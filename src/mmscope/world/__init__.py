@@ -16,6 +16,7 @@ from mmscope.world.questions import (
     ask,
     caption,
     questions,
+    unanswerable,
     vocabulary,
 )
 from mmscope.world.render import Rendered, render
@@ -65,5 +66,6 @@ __all__ = [
     "render",
     "sample_scene",
     "sample_scenes",
+    "unanswerable",
     "vocabulary",
 ]

@@ -140,6 +140,32 @@ def _position(scene: Scene, rng: np.random.Generator) -> Question:
     )
 
 
+UNANSWERABLE = "unanswerable"
+
+
+def unanswerable(scene: Scene, rng: np.random.Generator) -> Question:
+    """A question about something the scene does not hold, with answer ``""`` and no evidence.
+
+    One of three forms, drawn uniformly among those the scene allows: ``"what color is the
+    {shape} ?"`` for a shape no object has, ``"what shape is the {color} object ?"`` for a
+    colour no object has, ``"where is the {color} {shape} ?"`` for an absent pair. The
+    question's type is ``"unanswerable"`` (not one of ``QUESTION_TYPES``, which ``ask`` and
+    ``questions`` draw from); it uses only ``vocabulary()`` words. Deterministic under ``rng``.
+    """
+    objs = scene.objects
+    shapes = [s for s in SHAPES if all(o.shape != s for o in objs)]
+    colors = [c for c in COLORS if all(o.color != c for o in objs)]
+    present = {o.combo for o in objs}
+    pairs = [c for c in all_combos() if c not in present]
+    forms: list[tuple[list[Any], Any]] = [
+        (shapes, lambda s: COLOR_BY_SHAPE.format(shape=s)),
+        (colors, lambda c: SHAPE_BY_COLOR.format(color=c)),
+        (pairs, lambda p: POSITION_TEMPLATE.format(color=p[0], shape=p[1])),
+    ]
+    pool, text = _pick(rng, [form for form in forms if form[0]])
+    return Question(UNANSWERABLE, text(_pick(rng, pool)), "", ())
+
+
 def ask(
     scene: Scene,
     qtype: str,

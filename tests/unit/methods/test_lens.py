@@ -40,9 +40,7 @@ def test_equals_a_hand_computation_on_a_tiny_llava(tiny_llava, scene_image):
     assert result.target_ids == (red,)
 
 
-def test_default_target_is_the_answer_and_clip_reads_out_against_its_texts(
-    tiny_clip, scene_image
-):
+def test_default_target_is_the_answer_and_clip_reads_out_against_its_texts(tiny_clip, scene_image):
     texts = ["a red circle", "a blue square", "a green cross"]
     inputs = tiny_clip.prepare([scene_image, scene_image], texts[:2])
     result = LogitLens(k=3)(tiny_clip, inputs)

@@ -1,4 +1,9 @@
 """Token level: what single positions carry (logit lens, visual-token ablation, attention
 knockout, visual-token pruning, first-token analysis)."""
 
-from mmscope.methods.token import ablation, lens  # noqa: F401  (importing registers them)
+from mmscope.methods.token import (  # noqa: F401  (importing registers them)
+    ablation,
+    first_token,
+    lens,
+    pruning,
+)

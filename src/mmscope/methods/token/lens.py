@@ -147,9 +147,8 @@ def _readout(vlm: VLM, inputs: Inputs) -> tuple[Readout, list[str], list[int]]:
     """(hidden -> logits, names of the logits' columns, per item the target's column)."""
     if not vlm.contrastive:
         norm, head = vlm.resolve("lm.norm"), vlm.resolve("lm_head")
-        names = [
-            str(t) for t in vlm.tokenizer.convert_ids_to_tokens(list(range(head.out_features)))
-        ]
+        size = int(vlm.model.get_output_embeddings().weight.shape[0])
+        names = [str(t) for t in vlm.tokenizer.convert_ids_to_tokens(list(range(size)))]
         return (lambda h: head(norm(h))), names, []
     norm, proj = vlm.resolve("vision.norm"), vlm.resolve("vision.proj")
     out = vlm.forward(inputs)
