@@ -20,7 +20,7 @@ from PIL import Image
 
 from mmscope.core.errors import InputError
 from mmscope.core.validate import positive_int
-from mmscope.world import make_samples
+from mmscope.world import make_samples, unanswerable
 from mmscope.world.rle import decode_rle
 
 #: Seed of the benchmark's world items: never used to train or evaluate the toys.
@@ -59,6 +59,19 @@ def world_items(n: int, seed: int = BENCH_SEED, contrastive: bool = False) -> li
         q = sample.questions[i % len(sample.questions)]
         mask = np.any(sample.masks[list(q.evidence)], axis=0) if q.evidence else None
         out.append(BenchItem(sample.image, q.text, q.answer, mask, q.type))
+    return out
+
+
+def answerability_items(n: int, seed: int = BENCH_SEED) -> list[BenchItem]:
+    """``n`` world images, each asked one answerable question (types in turn) and one about
+    something it does not hold (kind ``"unanswerable"``, answer ``""``)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, sample in enumerate(make_samples(positive_int("n", n), seed)):
+        q = sample.questions[i % len(sample.questions)]
+        out.append(BenchItem(sample.image, q.text, q.answer, None, q.type))
+        u = unanswerable(sample.scene, rng)
+        out.append(BenchItem(sample.image, u.text, u.answer, None, u.type))
     return out
 
 

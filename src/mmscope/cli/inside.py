@@ -144,16 +144,11 @@ def _target(vlm: Any, args: argparse.Namespace, answers: list[str]) -> Any:
 
 def _first_token_data(vlm: Any, args: argparse.Namespace) -> tuple[Any, list[bool]]:
     """``--n`` answerable and ``--n`` unanswerable world questions, with their labels."""
-    from mmscope.world import make_samples, unanswerable
+    from mmscope.bench.items import answerability_items
 
-    rng = np.random.default_rng(args.seed)
-    images, prompts, labels = [], [], []
-    for i, sample in enumerate(make_samples(args.n, args.seed)):
-        images += [sample.image, sample.image]
-        question = sample.questions[i % len(sample.questions)]
-        prompts += [question.text, unanswerable(sample.scene, rng).text]
-        labels += [True, False]
-    return vlm.prepare(images, prompts), labels
+    items = answerability_items(args.n, args.seed)
+    inputs = vlm.prepare([it.image for it in items], [it.prompt for it in items])
+    return inputs, [it.kind != "unanswerable" for it in items]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ import io
 from collections.abc import Callable
 from typing import Any
 
-from mmscope.bench.items import BenchItem, world_items
+from mmscope.bench.items import BenchItem, answerability_items, world_items
 from mmscope.core.targets import TokenId, token_id
 from mmscope.methods.inside import analyse
 from mmscope.models.base import VLM
@@ -50,9 +50,34 @@ def _ablation(vlm: VLM, items: list[BenchItem]) -> tuple[Any, str]:
     )
 
 
+def _pruning(vlm: VLM, items: list[BenchItem]) -> tuple[Any, str]:
+    inputs = vlm.prepare([it.image for it in items], [it.prompt for it in items])
+    result = analyse("fastv", vlm, inputs, _answers(vlm, items))
+    breaks = {k: result.breaks_at("last", k) for k in result.layers}
+    said = "; ".join(
+        f"after layer {k} it {'breaks at R = ' + format(r, '.2f') if r is not None else 'holds'}"
+        for k, r in breaks.items()
+    )
+    return result, f"Unpruned accuracy {result.baseline:.2f} on {len(items)} questions; {said}."
+
+
+def _first_token(vlm: VLM, items: list[BenchItem]) -> tuple[Any, str]:
+    pairs = answerability_items(max(10, len(items) // 2), seed=INSIDE_SEED)
+    inputs = vlm.prepare([it.image for it in pairs], [it.prompt for it in pairs])
+    labels = [it.kind != "unanswerable" for it in pairs]
+    result = analyse("first_token", vlm, inputs, labels=labels)
+    auc = "n/a" if result.auc is None else f"{result.auc:.2f}"
+    return result, (
+        f"A linear probe on the first answer token tells {len(pairs) // 2} answerable from "
+        f"as many unanswerable questions with ROC AUC {auc} (0.5: not at all)."
+    )
+
+
 SECTIONS: dict[str, tuple[str, Callable[[VLM, list[BenchItem]], tuple[Any, str]]]] = {
     "logit_lens": ("Logit lens: where the answer forms", _lens),
     "token_ablation": ("Visual-token ablation: which image tokens the answer needs", _ablation),
+    "fastv": ("Visual-token pruning (FastV): where accuracy breaks", _pruning),
+    "first_token": ("First-token analysis: does the model know it cannot answer?", _first_token),
 }
 
 
