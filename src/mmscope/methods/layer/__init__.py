@@ -1,1 +1,3 @@
 """Layer level: where, across depth, the answer forms (causal tracing, head importance)."""
+
+from mmscope.methods.layer import tracing  # noqa: F401  (importing registers it)
