@@ -213,12 +213,15 @@ def mask_attention(vlm: VLM, blocked: Mapping[str, torch.Tensor]) -> Iterator[No
             batch, length = hidden.shape[0], hidden.shape[1]
             mask = kwargs.get("attention_mask")
             if mask is None:  # no padding: only causality (decoders) to keep
-                mask = torch.zeros(batch, 1, length, length, dtype=hidden.dtype)
+                mask = torch.zeros(
+                    batch, 1, length, length, dtype=hidden.dtype, device=hidden.device
+                )
                 if getattr(module, "is_causal", False):
-                    future = torch.ones(length, length, dtype=torch.bool).triu(1)
+                    future = torch.ones(length, length, dtype=torch.bool, device=hidden.device)
+                    future = future.triu(1)
                     mask = mask.masked_fill(future, torch.finfo(hidden.dtype).min)
             elif mask.dtype == torch.bool:
-                mask = torch.zeros(mask.shape, dtype=hidden.dtype).masked_fill(
+                mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(
                     ~mask, torch.finfo(hidden.dtype).min
                 )
             cut = block.to(mask.device)

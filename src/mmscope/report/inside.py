@@ -8,6 +8,8 @@ import io
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from mmscope.bench.items import BenchItem, answerability_items, world_items
 from mmscope.core.targets import TokenId, token_id
 from mmscope.methods.inside import analyse
@@ -26,6 +28,12 @@ def figure_uri(figure: Any) -> str:
 
 def _answers(vlm: VLM, items: list[BenchItem]) -> TokenId:
     return TokenId([token_id(vlm, it.answer.split()[0]) for it in items])
+
+
+def _evidence_question(items: list[BenchItem]) -> BenchItem:
+    """The first colour or shape question with an evidence mask (else the first item)."""
+    chosen = (it for it in items if it.mask is not None and it.kind in ("color", "shape"))
+    return next(chosen, items[0])
 
 
 def _lens(vlm: VLM, items: list[BenchItem]) -> tuple[Any, str]:
@@ -47,6 +55,48 @@ def _ablation(vlm: VLM, items: list[BenchItem]) -> tuple[Any, str]:
         f"On {len(chosen)} questions, replacing the evidence object's tokens flips "
         f"{result.flip_rate('object'):.0%} of the right answers; as many random tokens "
         f"{result.flip_rate('random'):.0%}."
+    )
+
+
+def _trace(vlm: VLM, items: list[BenchItem]) -> tuple[Any, str]:
+    from mmscope.methods.token.sets import object_cells
+
+    item = _evidence_question(items)
+    assert item.mask is not None
+    inputs = vlm.prepare(item.image, item.prompt)
+    result = analyse("causal_trace", vlm, inputs, _answers(vlm, [item]))
+    cells = object_cells(item.mask, inputs.image_spans[0][0])
+    mass = result.mass_inside(cells, item=0, layer=0)
+    return result, (
+        f"“{item.prompt}”: restoring clean image tokens at layer 0 into a run with noised image "
+        f"tokens, {mass:.0%} of the recovered answer comes from the evidence object's patches, "
+        f"which cover {cells.mean():.0%} of the image."
+    )
+
+
+def _knockout(vlm: VLM, items: list[BenchItem]) -> tuple[Any, str]:
+    chosen = [it for it in items if it.mask is not None and it.kind in ("color", "shape")]
+    inputs = vlm.prepare([it.image for it in chosen], [it.prompt for it in chosen])
+    result = analyse(
+        "attention_knockout", vlm, inputs, _answers(vlm, chosen), masks=[it.mask for it in chosen]
+    )
+    change = result.mean_change()
+    flows = list(result.flows)
+    worst = {f: float(np.nanmin(change[flows.index(f)])) for f in ("object", "other_image")}
+    return result, (
+        f"On {len(chosen)} colour and shape questions, blocking the last token from the "
+        f"evidence object's patches changes the answer's probability by up to "
+        f"{worst['object']:+.0%}; from all other patches by up to {worst['other_image']:+.0%}."
+    )
+
+
+def _heads(vlm: VLM, items: list[BenchItem]) -> tuple[Any, str]:
+    item = _evidence_question(items)
+    result = analyse("head_importance", vlm, vlm.prepare(item.image, item.prompt))
+    stack, layer, head, drop = result.top_heads(1)[0]
+    return result, (
+        f"“{item.prompt}”: masking {stack} {layer} head {head} costs the answer most "
+        f"({drop:.2f} in log-probability)."
     )
 
 
@@ -76,6 +126,9 @@ def _first_token(vlm: VLM, items: list[BenchItem]) -> tuple[Any, str]:
 SECTIONS: dict[str, tuple[str, Callable[[VLM, list[BenchItem]], tuple[Any, str]]]] = {
     "logit_lens": ("Logit lens: where the answer forms", _lens),
     "token_ablation": ("Visual-token ablation: which image tokens the answer needs", _ablation),
+    "attention_knockout": ("Attention knockout: which flows the answer reads", _knockout),
+    "head_importance": ("Head importance: which heads the answer needs", _heads),
+    "causal_trace": ("Causal tracing: which hidden states carry the evidence", _trace),
     "fastv": ("Visual-token pruning (FastV): where accuracy breaks", _pruning),
     "first_token": ("First-token analysis: does the model know it cannot answer?", _first_token),
 }

@@ -4,6 +4,7 @@ knockout, visual-token pruning, first-token analysis)."""
 from mmscope.methods.token import (  # noqa: F401  (importing registers them)
     ablation,
     first_token,
+    knockout,
     lens,
     pruning,
 )
