@@ -36,12 +36,14 @@ EXPECTED = {
     "vision.embed": hf.PatchEmbed,
     "vision.layer": hf.Qwen2VLVisionBlock,
     "vision.layer.attn": hf.VisionAttention,
+    "vision.layer.attn.heads": nn.Linear,  # the output projection, whose input is read
     "vision.layer.mlp": hf.VisionMlp,
     "vision.layer.mlp.act": nn.Module,  # QuickGELU from ACT2FN
     "projector": hf.PatchMerger,
     "lm.embed": nn.Embedding,
     "lm.layer": hf.Qwen2VLDecoderLayer,
     "lm.layer.attn": hf.Qwen2VLAttention,
+    "lm.layer.attn.heads": nn.Linear,
     "lm.layer.mlp": hf.Qwen2MLP,
     "lm.layer.mlp.act": nn.Module,  # SiLU from ACT2FN
     "lm.norm": hf.Qwen2VLRMSNorm,
@@ -65,6 +67,7 @@ def test_every_role_resolves_to_its_module_type(vlm):
     assert type(vlm.resolve("lm.layer[0].mlp.act")).__name__ == "SiLUActivation"
     assert vlm.resolve("lm.layer[0].mlp.act") is vlm.resolve("lm.layer[0].mlp").act_fn
     assert vlm.resolve("projector") is vlm.model.model.visual.merger
+    assert vlm.resolve("lm.layer[0].attn.heads") is vlm.resolve("lm.layer[0].attn").o_proj
     assert "lm.layer.attn.probs" in vlm.roles and "vision.layer.attn.probs" not in vlm.roles
 
 
