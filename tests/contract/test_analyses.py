@@ -14,7 +14,7 @@ from mmscope.core.errors import NotApplicableError
 from mmscope.core.hooks import patch
 from mmscope.core.registry import REGISTRY
 from mmscope.core.state import model_state
-from mmscope.methods.analysis import Result, analyses, make_analysis
+from mmscope.methods.analysis import Result, analyses, jsonable, make_analysis
 from mmscope.methods.inside import analyse
 
 #: Cheaper settings for the costly analyses; their defaults are exercised in their unit tests.
@@ -69,9 +69,7 @@ def test_state_result_and_serialisation(key, any_vlm, images):
     assert isinstance(result, Result) and dataclasses.is_dataclass(result)
     with pytest.raises(dataclasses.FrozenInstanceError):
         setattr(result, dataclasses.fields(result)[0].name, None)
-    from mmscope.core.explanation import _jsonable
-
-    json.dumps(_jsonable(result.to_dict()))
+    json.dumps(jsonable(result.to_dict()), allow_nan=False)  # strict JSON: NaN as null
     assert result.plot() is not None
 
 

@@ -193,6 +193,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _summary(result: Any) -> dict[str, Any]:
-    from mmscope.core.explanation import _jsonable
+    from mmscope.methods.analysis import jsonable
 
-    return dict(_jsonable(result.to_dict()))
+    return dict(jsonable(result.to_dict()))

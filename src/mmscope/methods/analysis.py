@@ -12,13 +12,14 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from mmscope.core.errors import InputError, NotApplicableError
-from mmscope.core.explanation import _jsonable
 from mmscope.core.registry import REGISTRY
 from mmscope.core.targets import (
     BoundTarget,
@@ -56,19 +57,35 @@ class Result:
         raise NotImplementedError
 
     def save(self, path: str | Path) -> Path:
-        """Write ``to_dict`` as JSON; a ``.png`` path writes the figure instead."""
+        """Write ``to_dict`` as strict JSON (NaN as null); a ``.png`` path writes the figure."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".png":
             _figure(self.plot()).savefig(path, dpi=100, bbox_inches="tight")
         else:
-            path.write_text(json.dumps(_jsonable(self.to_dict())) + "\n")
+            path.write_text(json.dumps(jsonable(self.to_dict()), allow_nan=False) + "\n")
         return path
 
     def _repr_html_(self) -> str:
         buf = io.BytesIO()
         _figure(self.plot()).savefig(buf, format="png", dpi=80, bbox_inches="tight")
         return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"/>'
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with arrays and tensors as lists and NaN as ``None``: strict JSON (which has
+    no NaN) for results whose "does not apply" is NaN."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray) or torch.is_tensor(value):
+        return jsonable(value.tolist())
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
 
 
 def _figure(drawn: Any) -> Any:

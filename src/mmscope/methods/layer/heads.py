@@ -25,7 +25,7 @@ from mmscope.core.registry import register
 from mmscope.core.state import preserved
 from mmscope.core.targets import BoundTarget, Target
 from mmscope.core.validate import positive_int
-from mmscope.methods.analysis import KIND, Analysis, Result, bind, new_figure, run_scores
+from mmscope.methods.analysis import KIND, Analysis, Result, bind, jsonable, new_figure, run_scores
 from mmscope.models.base import VLM
 
 Head = tuple[str, int, int]
@@ -79,14 +79,16 @@ class HeadResult(Result):
 
     def to_dict(self) -> dict[str, Any]:
         pats = [{**vars(p), "maps": list(p.maps)} for p in self.patterns]
-        return {
-            "analysis": "head_importance",
-            **{k: getattr(self, k) for k in ("method", "fill", "clean", "importance")},
-            "labels": list(self.labels),
-            "top_heads": [list(row) for row in self.top_heads()],
-            "patterns": pats,
-            "notes": list(self.notes),
-        }
+        return jsonable(
+            {
+                "analysis": "head_importance",
+                **{k: getattr(self, k) for k in ("method", "fill", "clean", "importance")},
+                "labels": list(self.labels),
+                "top_heads": [list(row) for row in self.top_heads()],
+                "patterns": pats,
+                "notes": list(self.notes),
+            }
+        )
 
     def plot(self, ax: Any = None, item: int = 0) -> Any:
         """Layers x heads heat map of the mean importance per stack, and below them the top

@@ -28,7 +28,7 @@ from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import PatchFn, capture, patch
 from mmscope.core.inputs import ImageSpan, Inputs
 from mmscope.core.targets import BoundTarget
-from mmscope.methods.analysis import Result, new_figure
+from mmscope.methods.analysis import Result, jsonable, new_figure
 
 if TYPE_CHECKING:
     from mmscope.models.base import VLM
@@ -273,26 +273,23 @@ class PatchingResult(Result):
         return float(grid[np.asarray(cells, bool)].sum() / total) if total > 0 else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        def clean(a: np.ndarray) -> Any:
-            out = np.asarray(a, dtype=object)
-            out[np.isnan(np.asarray(a, dtype=float))] = None
-            return out.tolist()
-
-        return {
-            "analysis": "causal_trace",
-            "preset": self.preset,
-            "effect": clean(self.effect),
-            "p_clean": clean(self.p_clean),
-            "p_corrupt": clean(self.p_corrupt),
-            "positions": list(self.positions),
-            "tokens": [list(t) for t in self.tokens],
-            "image_spans": [
-                [{"start": s.start, "end": s.end, "grid": list(s.grid)} for s in item]
-                for item in self.image_spans
-            ],
-            "skipped": list(self.skipped),
-            "settings": dict(self.settings),
-        }
+        return jsonable(
+            {
+                "analysis": "causal_trace",
+                "preset": self.preset,
+                "effect": self.effect,
+                "p_clean": self.p_clean,
+                "p_corrupt": self.p_corrupt,
+                "positions": list(self.positions),
+                "tokens": [list(t) for t in self.tokens],
+                "image_spans": [
+                    [{"start": s.start, "end": s.end, "grid": list(s.grid)} for s in item]
+                    for item in self.image_spans
+                ],
+                "skipped": list(self.skipped),
+                "settings": dict(self.settings),
+            }
+        )
 
     def plot(self, ax: Any = None, item: int = 0) -> Any:
         """Effect over layers x positions (image tokens shaded) and, beside it, the image-patch

@@ -21,7 +21,15 @@ from mmscope.core.inputs import Inputs
 from mmscope.core.registry import register
 from mmscope.core.targets import Predicted, Target, Token, TokenId
 from mmscope.core.validate import integer, valid_seed
-from mmscope.methods.analysis import KIND, Analysis, Result, bind, new_figure, next_token_ids
+from mmscope.methods.analysis import (
+    KIND,
+    Analysis,
+    Result,
+    bind,
+    jsonable,
+    new_figure,
+    next_token_ids,
+)
 from mmscope.methods.token import sets as token_sets
 from mmscope.models.base import VLM
 
@@ -69,19 +77,21 @@ class AblationResult(Result):
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "analysis": "token_ablation",
-            "fill": self.fill,
-            "sets": {
-                name: {
-                    "flip_rate": self.flip_rate(name),
-                    "score_drop": self.drop(name),
-                    "mean_tokens": float(self.counts[s].mean()),
-                    "items": int((self.counts[s] > 0).sum()),
-                }
-                for s, name in enumerate(self.sets)
-            },
-        }
+        return jsonable(
+            {
+                "analysis": "token_ablation",
+                "fill": self.fill,
+                "sets": {
+                    name: {
+                        "flip_rate": self.flip_rate(name),
+                        "score_drop": self.drop(name),
+                        "mean_tokens": float(self.counts[s].mean()),
+                        "items": int((self.counts[s] > 0).sum()),
+                    }
+                    for s, name in enumerate(self.sets)
+                },
+            }
+        )
 
     def plot(self, ax: Any = None) -> Any:
         """Share of correct answers flipped per token set (score drop for dual encoders)."""

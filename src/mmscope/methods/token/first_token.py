@@ -22,7 +22,7 @@ from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.registry import register
 from mmscope.core.targets import Predicted, Target
 from mmscope.core.validate import integer, number, valid_seed
-from mmscope.methods.analysis import Analysis, Result, new_figure
+from mmscope.methods.analysis import Analysis, Result, jsonable, new_figure
 
 if TYPE_CHECKING:
     from mmscope.core.inputs import Inputs
@@ -94,18 +94,21 @@ class FirstTokenResult(Result):
         return len(self.labels)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "labels": list(self.labels),
-            "top_tokens": list(self.top_tokens),
-            "top_probs": self.top_probs.tolist(),
-            "frequent": {k: [list(t) for t in v] for k, v in self.frequent.items()},
-            "mean_top_prob": dict(self.mean_top_prob),
-            "probe_scores": None if self.probe_scores is None else self.probe_scores.tolist(),
-            "accuracy": self.accuracy,
-            "auc": self.auc,
-            "folds": self.folds,
-            "n": self.n,
-        }
+        return jsonable(
+            {
+                "analysis": "first_token",
+                "labels": list(self.labels),
+                "top_tokens": list(self.top_tokens),
+                "top_probs": self.top_probs.tolist(),
+                "frequent": {k: [list(t) for t in v] for k, v in self.frequent.items()},
+                "mean_top_prob": dict(self.mean_top_prob),
+                "probe_scores": None if self.probe_scores is None else self.probe_scores.tolist(),
+                "accuracy": self.accuracy,
+                "auc": self.auc,
+                "folds": self.folds,
+                "n": self.n,
+            }
+        )
 
     def plot(self, ax: Any = None) -> Any:
         """Histogram of the top first-token probability per class; the probe's AUC on top."""

@@ -35,7 +35,16 @@ from mmscope.core.registry import register
 from mmscope.core.state import preserved
 from mmscope.core.targets import BoundTarget, Target
 from mmscope.core.validate import integer, positive_int
-from mmscope.methods.analysis import KIND, Analysis, Result, bind, new_figure, run_scores, stack
+from mmscope.methods.analysis import (
+    KIND,
+    Analysis,
+    Result,
+    bind,
+    jsonable,
+    new_figure,
+    run_scores,
+    stack,
+)
 from mmscope.methods.token.sets import block_matrix, object_cells, positions
 from mmscope.models.base import VLM
 
@@ -88,12 +97,14 @@ class KnockoutResult(Result):
             "change": self.change,
             "mean_change": self.mean_change(),
         }
-        return {
-            "analysis": "attention_knockout",
-            **{k: getattr(self, k) for k in keys},
-            **{k: _nulls(v) for k, v in missing.items()},  # NaN: no such flow
-            "labels": list(self.labels),
-        }
+        return jsonable(
+            {
+                "analysis": "attention_knockout",
+                **{k: getattr(self, k) for k in keys},
+                **missing,  # NaN: no such flow
+                "labels": list(self.labels),
+            }
+        )
 
     def plot(self, ax: Any = None) -> Any:
         """Mean relative change vs the window's first layer, one line per flow."""
@@ -108,13 +119,6 @@ class KnockoutResult(Result):
         ax.set_ylabel(f"change of the target's {what} (%)", fontsize=8)
         ax.legend(fontsize=7)
         return fig
-
-
-def _nulls(values: np.ndarray) -> list[Any]:
-    """Nested lists with NaN as ``None`` (strict JSON has no NaN)."""
-    out = values.astype(object)
-    out[np.isnan(values)] = None
-    return list(out.tolist())
 
 
 def _pairs(

@@ -23,7 +23,15 @@ from mmscope.core.inputs import ImageSpan, Inputs
 from mmscope.core.registry import register
 from mmscope.core.targets import Target
 from mmscope.core.validate import positive_int
-from mmscope.methods.analysis import KIND, Analysis, Result, new_figure, next_token_ids, stack
+from mmscope.methods.analysis import (
+    KIND,
+    Analysis,
+    Result,
+    jsonable,
+    new_figure,
+    next_token_ids,
+    stack,
+)
 from mmscope.models.base import VLM
 
 Readout = Callable[[torch.Tensor], torch.Tensor]
@@ -95,16 +103,18 @@ class LensResult(Result):
         ]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "analysis": "logit_lens",
-            "layers": list(self.layers),
-            "target": [self.names[i] for i in self.target_ids],
-            "target_probs": self.target_probs,
-            "target_ranks": self.target_ranks,
-            "first_top_layer": [self.first_top_layer(b) for b in range(len(self.target_ids))],
-            "last_position": [self.table(b) for b in range(len(self.target_ids))],
-            "positions": [list(p) for p in self.positions],
-        }
+        return jsonable(
+            {
+                "analysis": "logit_lens",
+                "layers": list(self.layers),
+                "target": [self.names[i] for i in self.target_ids],
+                "target_probs": self.target_probs,
+                "target_ranks": self.target_ranks,
+                "first_top_layer": [self.first_top_layer(b) for b in range(len(self.target_ids))],
+                "last_position": [self.table(b) for b in range(len(self.target_ids))],
+                "positions": [list(p) for p in self.positions],
+            }
+        )
 
     def plot(self, ax: Any = None, item: int = 0) -> Any:
         """Target probability over layers x positions (image span shaded) and, beside it, over

@@ -22,7 +22,7 @@ from mmscope.core.hooks import capture, mask_attention
 from mmscope.core.registry import register
 from mmscope.core.targets import Predicted, Target
 from mmscope.core.validate import integer, number, positive_int
-from mmscope.methods.analysis import Analysis, Result, new_figure, next_token_ids
+from mmscope.methods.analysis import Analysis, Result, jsonable, new_figure, next_token_ids
 from mmscope.methods.token.sets import block_matrix
 
 if TYPE_CHECKING:
@@ -153,16 +153,19 @@ class PruningResult(Result):
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "rules": list(self.rules),
-            "layers": list(self.layers),
-            "ratios": list(self.ratios),
-            "accuracy": self.accuracy.tolist(),
-            "baseline": self.baseline,
-            "flops_saved": self.flops_saved.tolist(),
-            "n": self.n,
-            "num_layers": self.num_layers,
-        }
+        return jsonable(
+            {
+                "analysis": "fastv",
+                "rules": list(self.rules),
+                "layers": list(self.layers),
+                "ratios": list(self.ratios),
+                "accuracy": self.accuracy.tolist(),
+                "baseline": self.baseline,
+                "flops_saved": self.flops_saved.tolist(),
+                "n": self.n,
+                "num_layers": self.num_layers,
+            }
+        )
 
     def plot(self, ax: Any = None) -> Any:
         """Accuracy vs R per (rule, K), the baseline dotted, FLOPs saved on a twin axis."""
