@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         Token,
         TokenId,
     )
+    from mmscope.decoding import decoders, generate
     from mmscope.methods.analysis import analyses
     from mmscope.methods.explain import attribution_methods, explain
     from mmscope.methods.inside import (
@@ -54,6 +55,8 @@ _LAZY = {
     "explain": "mmscope.methods.explain",
     "attribution_methods": "mmscope.methods.explain",
     "analyses": "mmscope.methods.analysis",
+    "decoders": "mmscope.decoding",
+    "generate": "mmscope.decoding",
     **{
         name: "mmscope.methods.inside"
         for name in (
@@ -93,6 +96,8 @@ __all__ = [
     "attribution_methods",
     "analyses",
     "analyse",
+    "decoders",
+    "generate",
     "lens",
     "ablate_tokens",
     "knockout",

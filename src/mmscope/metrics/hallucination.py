@@ -185,19 +185,29 @@ def _answerer(vlm: VLM, metric: str) -> None:
 
 
 def _generate(
-    vlm: VLM, images: list[Any], prompts: list[str], batch: int, tokens: int
+    vlm: VLM,
+    images: list[Any],
+    prompts: list[str],
+    batch: int,
+    tokens: int,
+    decoder: str = "greedy",
+    settings: dict[str, Any] | None = None,
 ) -> list[str]:
+    from mmscope.decoding import make_decoder
+
+    decode = make_decoder(decoder, **(settings or {}))
     out: list[str] = []
     for i in range(0, len(prompts), batch):
         inputs = vlm.prepare(images[i : i + batch], prompts[i : i + batch])
-        out.extend(vlm.generate(inputs, max_new_tokens=tokens))  # type: ignore[attr-defined]
+        out.extend(decode(vlm, inputs, tokens))
     return out
 
 
 @register("pope", kind="metric", family="metric/hallucination", paper="Li et al. 2023", level=LEVEL)
 class Pope:
     """POPE: yes/no existence probes, half about absent objects (random, popular, or
-    co-occurring "adversarial" ones); headline F1 of "yes"."""
+    co-occurring "adversarial" ones); headline F1 of "yes". Answers come from a registered
+    ``decoder`` (``mmscope.decoding``) with ``decoder_settings``."""
 
     category: ClassVar[str] = "hallucination"
     higher_is_better: ClassVar[bool] = True
@@ -209,6 +219,8 @@ class Pope:
         seed: int = EVAL_SEED,
         batch_size: int = 50,
         per_image: int = 3,
+        decoder: str = "greedy",
+        decoder_settings: dict[str, Any] | None = None,
     ) -> None:
         from mmscope.world import POPE_SPLITS
 
@@ -218,6 +230,7 @@ class Pope:
             raise InputError("n_images, batch_size and per_image must be at least 1")
         self.split, self.n_images, self.seed = split, n_images, seed
         self.batch_size, self.per_image = batch_size, per_image
+        self.decoder, self.decoder_settings = decoder, dict(decoder_settings or {})
 
     def __call__(self, vlm: VLM, data: Sequence[PopeItem] | None = None) -> HallucinationResult:
         _answerer(vlm, "POPE")
@@ -231,10 +244,16 @@ class Pope:
             ]
             settings = {**vars(self)}
         else:
-            settings = {"split": "data", "n_items": len(data)}
+            settings = {"split": "data", "n_items": len(data), "decoder": self.decoder}
         items = list(data)
         answers = _generate(
-            vlm, [it.image for it in items], [it.text for it in items], self.batch_size, 4
+            vlm,
+            [it.image for it in items],
+            [it.text for it in items],
+            self.batch_size,
+            4,
+            self.decoder,
+            self.decoder_settings,
         )
         pred, truth = _yes_no(answers, [it.label for it in items])
         scores = {**_confusion(pred, truth), "n": len(items)}
@@ -263,7 +282,8 @@ class Pope:
     "chair", kind="metric", family="metric/hallucination", paper="Rohrbach et al. 2018", level=LEVEL
 )
 class Chair:
-    """CHAIR on captions of held-out world scenes (the world's describe prompt)."""
+    """CHAIR on captions of held-out world scenes (the world's describe prompt), decoded by a
+    registered ``decoder`` with ``decoder_settings``."""
 
     category: ClassVar[str] = "hallucination"
     higher_is_better: ClassVar[bool] = False
@@ -274,18 +294,27 @@ class Chair:
         seed: int = EVAL_SEED,
         batch_size: int = 50,
         max_new_tokens: int = 24,
+        decoder: str = "greedy",
+        decoder_settings: dict[str, Any] | None = None,
     ) -> None:
         if n_images < 1 or batch_size < 1 or max_new_tokens < 1:
             raise InputError("n_images, batch_size and max_new_tokens must be at least 1")
         self.n_images, self.seed = n_images, seed
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.decoder, self.decoder_settings = decoder, dict(decoder_settings or {})
 
     def __call__(self, vlm: VLM) -> HallucinationResult:
         _answerer(vlm, "CHAIR")
         scenes = sample_scenes(self.n_images, self.seed)
         images = [render(s).image for s in scenes]
         captions = _generate(
-            vlm, images, [DESCRIBE_PROMPT] * len(scenes), self.batch_size, self.max_new_tokens
+            vlm,
+            images,
+            [DESCRIBE_PROMPT] * len(scenes),
+            self.batch_size,
+            self.max_new_tokens,
+            self.decoder,
+            self.decoder_settings,
         )
         present = [{o.name for o in s.objects} for s in scenes]
         scores = chair_scores(captions, present)
