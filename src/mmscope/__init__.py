@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         TokenId,
     )
     from mmscope.decoding import decoders, generate
+    from mmscope.decoding.explain import explain_hallucination
     from mmscope.methods.analysis import analyses
     from mmscope.methods.explain import attribution_methods, explain
     from mmscope.methods.inside import (
@@ -57,6 +58,7 @@ _LAZY = {
     "analyses": "mmscope.methods.analysis",
     "decoders": "mmscope.decoding",
     "generate": "mmscope.decoding",
+    "explain_hallucination": "mmscope.decoding.explain",
     **{
         name: "mmscope.methods.inside"
         for name in (
@@ -98,6 +100,7 @@ __all__ = [
     "analyse",
     "decoders",
     "generate",
+    "explain_hallucination",
     "lens",
     "ablate_tokens",
     "knockout",
