@@ -37,14 +37,14 @@ def test_on_toy_llava_a_hallucination_is_traced_to_the_objects_it_borrows_from(t
     word = toy_llava.tokenizer.convert_tokens_to_ids("cross")
     assert result.lens.target_ids == (word,)
     assert result.lens.target_probs[-1, 0, -1] > 0.5  # the model was sure of it
-    donors = [
-        m
-        for o, m in zip(scene.objects, rendered.masks)
-        if o.color == "purple" or o.shape == "cross"
-    ]
-    heat = np.clip(result.relevance.heatmap(0), 0, None)
-    inside = heat[np.any(donors, axis=0)].sum() / heat.sum()
-    assert inside > 0.5, inside
+    span = result.relevance.spans[0][0]
+    donors = np.zeros(span.grid, bool)  # patches of the purple objects and of the cross
+    for obj, mask in zip(scene.objects, rendered.masks):
+        if obj.color == "purple" or obj.shape == "cross":
+            donors |= object_cells(mask, span)
+    relevance = np.clip(result.relevance.image_scores[0][0][0], 0, None)
+    inside = relevance[donors].sum() / relevance.sum()  # measured 0.70 on 28% of the patches
+    assert inside > 2 * donors.mean(), (inside, donors.mean())
     assert len(result.image_attention) == toy_llava.num_layers("lm.layer")
     assert np.all(result.image_attention + result.text_attention <= 1 + 1e-5)
     assert result.to_dict()["phrase"] == "purple cross"
