@@ -83,7 +83,7 @@ def test_ask_answers_with_the_toy(tmp_path):
 
 def test_demo_writes_the_report(tmp_path):
     args = ["demo", "--out", str(tmp_path), "--n", "5", "--explain", "1", "--bench", "2"]
-    args += ["--inside", "12"]
+    args += ["--inside", "12", "--decoding", "6"]
     assert main(args) == 0
     html = (tmp_path / "index.html").read_text()
     assert html.count("<img") >= 10 and "what" in html or "is there" in html
@@ -99,6 +99,12 @@ def test_demo_writes_the_report(tmp_path):
     assert "Inside the model" in html
     for key in SECTIONS:  # one figure per analysis
         assert f'alt="{key}"' in html
+    from mmscope.decoding import decoders
+
+    assert "Does a better decoder stop hallucination?" in html
+    for key in decoders():  # a row of the comparison and a caption per decoder
+        assert html.count(f"<td><b>{key}</b></td>") == 1 and f"<td>{key}</td>" in html
+    assert "<mark>" in html and 'alt="hallucination"' in html
 
 
 def test_explain_writes_overlays_scores_and_a_page(tmp_path, capsys):

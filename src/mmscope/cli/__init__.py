@@ -249,6 +249,7 @@ def _demo(args: argparse.Namespace) -> int:
         explain=args.explain,
         bench=args.bench,
         inside=args.inside,
+        decoding=args.decoding,
     )
     print(f"wrote {path}")
     return 0
@@ -381,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--inside", type=int, default=30, help="world questions of the inside-the-model section"
+    )
+    demo.add_argument(
+        "--decoding", type=int, default=40, help="world images of the decoders' section"
     )
     demo.add_argument("--out", default="mmscope-report")
     demo.set_defaults(handler=_demo)

@@ -11,6 +11,7 @@ from PIL import Image
 from mmscope.core.targets import AnswerLogProb, Generated
 from mmscope.methods.explain import attribution_methods, make_method
 from mmscope.models import VLM, load
+from mmscope.report.decoding import decoding_section
 from mmscope.report.explanations import explanation_rows
 from mmscope.report.html import data_uri, write_page
 from mmscope.report.inside import inside_section
@@ -102,11 +103,13 @@ def run_demo(
     explain: int = 3,
     bench: int = 10,
     inside: int = 30,
+    decoding: int = 40,
 ) -> Path:
     """Answer ``n`` world questions and describe a few images, explain ``explain`` of the
     answers with every attribution method, score every method on ``bench`` items (0: skip)
     with POPE beside, run every inside-the-model analysis on ``inside`` world questions (0:
-    skip); write ``out_dir/index.html``."""
+    skip), compare every decoder on ``decoding`` world images (0: skip); write
+    ``out_dir/index.html``."""
     vlm = load(model)
     scenes = sample_scenes(n, seed)
     rng = np.random.default_rng(seed)
@@ -139,6 +142,7 @@ def run_demo(
     attributions = _attributions(vlm, rendered, qs, scenes, min(explain, n)) if explain else None
     benchmark = _benchmark(vlm, out_dir, bench) if bench else None
     analyses = inside_section(vlm, inside) if inside else None
+    decoders = decoding_section(vlm, decoding) if decoding else None
     return write_page(
         out_dir / "index.html",
         "demo.html",
@@ -152,4 +156,5 @@ def run_demo(
         attributions=attributions,
         benchmark=benchmark,
         inside=analyses,
+        decoding=decoders,
     )
