@@ -195,6 +195,8 @@ class Search:
         config = vlm.model.generation_config
         b, device = settings.num_beams, item.input_ids.device
         self.start = item.input_ids.shape[1]  # the first response position
+        self.min_new = int(config.min_new_tokens or 0)  # EOS barred before (as HF's processor)
+        self.eos = eos_ids(vlm).to(device)
         self.image = image_positions(item)
         self.beams = Beams(
             b,
@@ -224,7 +226,10 @@ class Search:
 
     def step(self) -> None:
         b, c, t = self.s.num_beams, self.c, self.beams.step
-        top, candidates = self.logits.topk(c, dim=-1)
+        logits = self.logits
+        if t < self.min_new:
+            logits = logits.index_fill(1, self.eos, -math.inf)
+        top, candidates = logits.topk(c, dim=-1)
         cand_logits, rows = candidate_forward(self.vlm, self.cache, candidates)
         scores, columns, location = candidate_scores(
             top, rows.view(b, c, -1), self.columns, self.start, self.image, t, self.s

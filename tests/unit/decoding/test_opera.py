@@ -120,6 +120,25 @@ def test_without_penalty_over_all_tokens_it_is_beam_search(name, request):
     assert generate(vlm, inputs, opera, max_new_tokens=14) == beam
 
 
+def test_min_new_tokens_of_the_generation_config_bars_the_end(toy_llava):
+    """The benchmark makes every decoder generate as many tokens by setting min_new_tokens:
+    OPERA then leaves the end-of-sequence token out of the candidates (Hugging Face masks it
+    after its log-softmax, so the two searches may part after the forced length's first
+    choices)."""
+    inputs = _inputs(toy_llava, n=2)
+    eos = int(toy_llava.model.generation_config.eos_token_id)
+    config = toy_llava.model.generation_config
+    saved = config.min_new_tokens
+    plain = OPERA().decode(toy_llava, inputs, 20)
+    config.min_new_tokens = 20
+    try:
+        forced = OPERA().decode(toy_llava, inputs, 20)
+    finally:
+        config.min_new_tokens = saved
+    assert (plain == eos).any(1).all()  # toy captions end by themselves
+    assert forced.shape[1] == 20 and not (forced == eos).any()
+
+
 def test_without_penalty_it_is_beam_search_over_renormalised_candidates(tiny_llava):
     inputs = _inputs(tiny_llava, n=2)
     with tiny_llava.attention("eager"), torch.no_grad():
