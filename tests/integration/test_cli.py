@@ -137,6 +137,13 @@ def test_methods_lists_every_attribution_method_under_its_level(capsys):
     architecture = out.split("  architecture")[1].split("training and inference")[0]
     for method in attribution_methods():
         assert f"    {method} " in architecture
+    from mmscope.decoding import decoders
+    from mmscope.methods.analysis import analyses
+
+    decoding = out.split("  decoding")[1]
+    assert all(f"    {key} " in decoding for key in decoders())
+    inside = out.split("  token")[1].split("  architecture")[0]
+    assert all(f"    {key} " in inside for key in analyses())
 
 
 def test_eval_pope_json(capsys):

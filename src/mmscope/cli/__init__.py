@@ -256,6 +256,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _methods(args: argparse.Namespace) -> int:
+    import mmscope.decoding  # noqa: F401  (registers the decoders)
     import mmscope.methods  # noqa: F401  (registers the methods)
     import mmscope.metrics  # noqa: F401  (registers the metrics)
     import mmscope.models  # noqa: F401  (registers the adapters)
