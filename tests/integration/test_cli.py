@@ -140,9 +140,9 @@ def test_methods_lists_every_attribution_method_under_its_level(capsys):
     from mmscope.decoding import decoders
     from mmscope.methods.analysis import analyses
 
-    decoding = out.split("  decoding")[1]
+    decoding = out.split("\n  decoding\n")[1]
     assert all(f"    {key} " in decoding for key in decoders())
-    inside = out.split("  token")[1].split("  architecture")[0]
+    inside = out.split("\n  token\n")[1].split("\n  architecture")[0]
     assert all(f"    {key} " in inside for key in analyses())
 
 
