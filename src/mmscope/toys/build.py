@@ -35,6 +35,17 @@ CHAT_TEMPLATE = (
     + ANSWER_CUE
     + "{% endif %}"
 )
+#: The question-first template, "{prompt} <image> answer :": the image tokens then see the
+#: question (as an instruction-aware Q-Former does), so a patch can tell whether it is the
+#: object asked about; the recipe's ``question_first`` trains with it.
+QUESTION_FIRST_TEMPLATE = (
+    "{% for message in messages %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }} {% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>{% endif %}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %} "
+    + ANSWER_CUE
+    + "{% endif %}"
+)
 
 
 def words() -> list[str]:
@@ -139,14 +150,17 @@ def build_llava(vocab_size: int, vision_feature_layer: int = -2) -> LlavaForCond
     return model
 
 
-def llava_processor(size: int = IMAGE_SIZE, patch: int = PATCH_SIZE) -> LlavaProcessor:
+def llava_processor(
+    size: int = IMAGE_SIZE, patch: int = PATCH_SIZE, question_first: bool = False
+) -> LlavaProcessor:
+    """The toy's processor; ``question_first`` puts the prompt before the image tokens."""
     return LlavaProcessor(
         image_processor=image_processor(size),
         tokenizer=toy_tokenizer(),
         patch_size=patch,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=QUESTION_FIRST_TEMPLATE if question_first else CHAT_TEMPLATE,
         image_token="<image>",
     )
 

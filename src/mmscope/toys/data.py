@@ -89,9 +89,16 @@ class Vocab:
         return [self.ids[w] for w in text.split()]
 
 
-def example(vocab: Vocab, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-    """Ids of ``<s> <image>*N prompt answer : answer </s>`` and labels (-100 but on the answer)."""
-    head = [vocab.bos] + [vocab.image] * NUM_IMAGE_TOKENS + vocab.encode(f"{prompt} {ANSWER_CUE}")
+def example(
+    vocab: Vocab, prompt: str, answer: str, question_first: bool = False
+) -> tuple[list[int], list[int]]:
+    """Ids of ``<s> <image>*N prompt answer : answer </s>`` (``question_first``: ``<s> prompt
+    <image>*N answer : ...``) and labels (-100 but on the answer)."""
+    image = [vocab.image] * NUM_IMAGE_TOKENS
+    if question_first:
+        head = [vocab.bos] + vocab.encode(prompt) + image + vocab.encode(ANSWER_CUE)
+    else:
+        head = [vocab.bos] + image + vocab.encode(f"{prompt} {ANSWER_CUE}")
     tail = vocab.encode(answer) + [vocab.eos]
     return head + tail, [-100] * len(head) + tail
 
@@ -104,12 +111,14 @@ def llava_batch(
     caption_share: float = 0.25,
     existence_weight: float = 1.0,
     hard_negative_prob: float = HARD_NEGATIVE_PROB,
+    question_first: bool = False,
 ) -> dict[str, torch.Tensor]:
     """A batch of (image, prompt, answer) sequences with loss only on the answer and </s>.
 
     ``caption_share`` of the items are describe prompts, the rest questions: existence
     ``existence_weight`` times as often as each other type (the binding question that small
-    models learn last), its absent objects hard negatives with ``hard_negative_prob``.
+    models learn last), its absent objects hard negatives with ``hard_negative_prob``;
+    ``question_first`` puts each prompt before the image tokens.
     """
     idx = rng.integers(0, len(bank.scenes), batch_size)
     weights = np.array([existence_weight if t == "existence" else 1.0 for t in QUESTION_TYPES])
@@ -123,7 +132,7 @@ def llava_batch(
             qtype = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=weights))]
             q = ask(scene, qtype, rng, hard_negative_prob)
             prompt, answer = q.text, q.answer
-        ids, labs = example(vocab, prompt, answer)
+        ids, labs = example(vocab, prompt, answer, question_first)
         seqs.append(ids)
         labels.append(labs)
     width = max(len(s) for s in seqs)

@@ -19,15 +19,23 @@ def test_pixels_equal_the_image_processor():
     assert torch.allclose(ours, theirs, atol=1e-6)
 
 
-def test_training_sequences_equal_what_the_processor_makes(scene_image):
+@pytest.mark.parametrize("question_first", [False, True])
+def test_training_sequences_equal_what_the_processor_makes(scene_image, question_first):
     tok = build.toy_tokenizer()
     vocab = Vocab(tok)
-    vlm = LlavaVLM(build.build_llava(len(tok)), build.llava_processor(), "toy")
+    processor = build.llava_processor(question_first=question_first)
+    vlm = LlavaVLM(build.build_llava(len(tok)), processor, "toy")
     for prompt, answer in [
         ("what color is the circle ?", "red"),
         (DESCRIBE_PROMPT, "a red circle"),
     ]:
-        ids, labels = example(vocab, prompt, answer)
+        ids, labels = example(vocab, prompt, answer, question_first)
+        inputs = vlm.prepare(scene_image, prompt)
+        span = inputs.image_spans[0][0]
+        start, end = inputs.prompt_spans[0]
+        assert (start > span.start) is not question_first  # the prompt's side of the image
+        assert inputs.prompt_tokens[0] == tuple(prompt.split())
+        assert end - start == len(prompt.split())
         n_prompt = sum(label == -100 for label in labels)
         assert vlm.prepare(scene_image, prompt).input_ids[0].tolist() == ids[:n_prompt]
         assert tok.decode(ids[n_prompt:], skip_special_tokens=True) == answer
