@@ -133,7 +133,7 @@ def train_llava(
     model = build.build_llava(len(tok), recipe.vision_feature_layer)
     if clip is not None:
         model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
-    model.to(device).train()
+    model.train().to(torch.device(device))
     vision = list(model.model.vision_tower.parameters())
     vision_ids = {id(p) for p in vision}
     rest = [p for p in model.parameters() if id(p) not in vision_ids]
@@ -170,7 +170,7 @@ def train_llava(
         sched.step()
         if progress:
             progress("llava", step + 1, recipe.llava_steps, loss.item())
-    model.to("cpu").eval()
+    model.eval().to(torch.device("cpu"))
     return model
 
 
