@@ -159,6 +159,26 @@ def test_eval_pope_json(capsys):
     assert lo <= scores["f1"] <= hi
 
 
+def test_eval_with_several_decoders_and_ask_with_one(capsys, tmp_path):
+    args = ["eval", "pope", "--split", "adversarial", "--n", "6", "--decoder", "greedy,vcd"]
+    assert main(args + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["decoders"]
+    assert set(out) == {"greedy", "vcd"}
+    assert out["greedy"]["adversarial"]["n"] == out["vcd"]["adversarial"]["n"]
+    assert main(["eval", "chair", "--n", "3", "--decoder", "beam,opera_fast"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["beam", "opera_fast"]
+    from mmscope.world import render, sample_scenes
+
+    image = tmp_path / "scene.png"
+    render(sample_scenes(1, 3)[0], 48).image.save(image)
+    ask = ["ask", "--image", str(image), "--prompt", "describe the image .", "--json"]
+    assert main(ask + ["--decoder", "vcd"]) == 0
+    assert json.loads(capsys.readouterr().out)["answer"]
+    assert main(ask + ["--decoder", "nope"]) == 2
+    assert "unknown decoder 'nope'" in capsys.readouterr().err
+
+
 def test_eval_bad_split_and_eval_help(capsys):
     assert main(["eval", "pope", "--split", "hard"]) == 2
     err = capsys.readouterr().err.strip()
