@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from mmscope.core.errors import NotApplicableError
+from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import patch
 from mmscope.core.registry import REGISTRY
 from mmscope.core.state import model_state
+from mmscope.core.targets import TokenId
 from mmscope.methods.analysis import Result, analyses, jsonable, make_analysis
 from mmscope.methods.inside import analyse
 
@@ -22,6 +23,7 @@ FAST: dict[str, dict] = {
     "token_ablation": {"sets": ("object", "random")},
     "fastv": {"layers": (1,), "ratios": (0.5,)},
     "head_importance": {"top": 2},
+    "attention_knockout": {"batch_size": 2},  # several forwards: the scoring can fail midway
 }
 ANALYSES = analyses()
 
@@ -32,7 +34,7 @@ def _mask(size: int = 48) -> np.ndarray:
     return mask
 
 
-def _run(key: str, vlm, images):
+def _run(key: str, vlm, images, target=None):
     prompts = (
         ["a red circle", "a blue square"]
         if vlm.contrastive
@@ -42,7 +44,7 @@ def _run(key: str, vlm, images):
     data = {"masks": [_mask(), _mask()], "labels": [True, False]}
     takes = inspect.signature(REGISTRY.get(key, "analysis").obj.__call__).parameters
     data = {k: v for k, v in data.items() if k in takes}
-    return analyse(key, vlm, inputs, **FAST.get(key, {}), **data)
+    return analyse(key, vlm, inputs, target, **FAST.get(key, {}), **data)
 
 
 def test_the_registry_has_the_inside_analyses():
@@ -90,9 +92,39 @@ def test_state_unchanged_when_a_forward_raises_midway(key, tiny_llava, images):
         tiny_llava.model.eval()
 
 
-def test_settings_are_checked_by_name():
-    from mmscope.core.errors import InputError
+class ScoringFails(TokenId):
+    """A target whose scoring raises from its second call on: the clean run scores, the
+    analysis's patched or tiled runs raise with their hooks in place."""
 
+    def bind(self, vlm, inputs):
+        bound = super().bind(vlm, inputs)
+        calls = []
+
+        def score(output):
+            calls.append(1)
+            if len(calls) > 1:
+                raise RuntimeError("midway")
+            return bound.score(output)
+
+        return dataclasses.replace(bound, score=score)
+
+
+@pytest.mark.parametrize("key", ANALYSES)
+def test_state_unchanged_when_scoring_raises_after_the_clean_run(key, tiny_llava, images):
+    tiny_llava.model.train()  # a non-default state, to see it restored
+    try:
+        before = model_state(tiny_llava.model)
+        try:
+            _run(key, tiny_llava, images, ScoringFails([3, 3]))
+        except (RuntimeError, InputError):  # InputError: analyses that take no target
+            pass
+        assert model_state(tiny_llava.model) == before
+        assert torch.is_grad_enabled()
+    finally:
+        tiny_llava.model.eval()
+
+
+def test_settings_are_checked_by_name():
     for key in ANALYSES:
         with pytest.raises(InputError, match="takes the settings"):
             make_analysis(key, no_such_setting=1)
