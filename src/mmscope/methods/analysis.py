@@ -148,3 +148,19 @@ def run_scores(vlm: VLM, bound: BoundTarget, inputs: Inputs | None = None) -> to
     """The bound target's first output ``(rows,)`` on one forward of ``inputs`` (default: the
     bound inputs; a tiled copy of them scores each row against its own item)."""
     return bound(vlm.forward(inputs or bound.inputs))[:, 0].float().cpu()
+
+
+def position_labels(vlm: VLM, inputs: Inputs, item: int, length: int) -> tuple[str, ...]:
+    """A label per position up to ``length``: the token, ``"img0 r,c"`` for image tokens,
+    ``"[class]"`` for a dual encoder's class token."""
+    labels = ["" for _ in range(length)]
+    if not vlm.contrastive:
+        tokens = vlm.tokenizer.convert_ids_to_tokens(inputs.input_ids[item].tolist())
+        labels = [str(t) for t in tokens]
+    else:
+        labels[0] = "[class]"
+    for image, span in enumerate(inputs.image_spans[item]):
+        cols = span.grid[1]
+        for j, pos in enumerate(span.positions):
+            labels[pos] = f"img{image} {j // cols},{j % cols}"
+    return tuple(labels)

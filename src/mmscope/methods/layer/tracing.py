@@ -32,7 +32,7 @@ from mmscope.core.inputs import Inputs
 from mmscope.core.registry import register
 from mmscope.core.targets import BoundTarget, Target
 from mmscope.core.validate import integer, number, positive_int, valid_seed
-from mmscope.methods.analysis import KIND, Analysis, bind, stack
+from mmscope.methods.analysis import KIND, Analysis, bind, position_labels, stack
 from mmscope.methods.layer.patching import (
     PatchingResult,
     Restoration,
@@ -152,7 +152,12 @@ class CausalTrace(Analysis):
             preset=self.preset,
             positions=chosen,
             image_spans=bound.inputs.image_spans,
-            tokens=tuple(_labels(vlm, bound.inputs, b, chosen) for b in range(inputs.batch_size)),
+            tokens=tuple(
+                tuple(labels[p] for p in chosen)
+                for labels in (
+                    position_labels(vlm, bound.inputs, b, length) for b in range(inputs.batch_size)
+                )
+            ),
             skipped=skipped,
             settings={
                 "noise": None if corrupted is not None else self.noise,
@@ -232,18 +237,3 @@ def _counterfactual(
         return corrupted
     keep = bound.inputs.attention_mask[:, length:].bool()
     return corrupted.extend(bound.inputs.input_ids[:, length:], keep)
-
-
-def _labels(vlm: VLM, inputs: Inputs, item: int, chosen: Sequence[int]) -> tuple[str, ...]:
-    length = max(chosen, default=-1) + 1
-    if vlm.contrastive:
-        labels = ["[class]"] + [""] * (length - 1)
-    else:
-        ids = inputs.input_ids[item, :length].tolist()
-        labels = [str(t) for t in vlm.tokenizer.convert_ids_to_tokens(ids)]
-    for image, span in enumerate(inputs.image_spans[item]):
-        cols = span.grid[1]
-        for j, pos in enumerate(span.positions):
-            if pos < length:
-                labels[pos] = f"img{image} {j // cols},{j % cols}"
-    return tuple(labels[p] for p in chosen)

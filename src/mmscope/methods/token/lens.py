@@ -30,6 +30,7 @@ from mmscope.methods.analysis import (
     jsonable,
     new_figure,
     next_token_ids,
+    position_labels,
     stack,
 )
 from mmscope.models.base import VLM
@@ -139,20 +140,6 @@ class LensResult(Result):
         return fig
 
 
-def _position_labels(vlm: VLM, inputs: Inputs, item: int, length: int) -> tuple[str, ...]:
-    labels = ["" for _ in range(length)]
-    if not vlm.contrastive:
-        tokens = vlm.tokenizer.convert_ids_to_tokens(inputs.input_ids[item].tolist())
-        labels = [str(t) for t in tokens]
-    else:
-        labels[0] = "[class]"
-    for image, span in enumerate(inputs.image_spans[item]):
-        cols = span.grid[1]
-        for j, pos in enumerate(span.positions):
-            labels[pos] = f"img{image} {j // cols},{j % cols}"
-    return tuple(labels)
-
-
 def _readout(vlm: VLM, inputs: Inputs) -> tuple[Readout, list[str], list[int]]:
     """(hidden -> logits, names of the logits' columns, per item the target's column)."""
     if not vlm.contrastive:
@@ -233,7 +220,7 @@ class LogitLens(Analysis):
             target_ranks=np.stack(ranks),
             names={int(i): names[int(i)] for i in used},
             positions=tuple(
-                _position_labels(vlm, inputs, b, length) for b in range(inputs.batch_size)
+                position_labels(vlm, inputs, b, length) for b in range(inputs.batch_size)
             ),
             spans=inputs.image_spans,
         )
