@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -94,7 +94,26 @@ class VCDLogitsProcessor(LogitsProcessor):
         top_p: float = 1.0,
         seed: int = 0,
     ) -> None:
-        self.alpha, self.beta, self.sample, self.seed = alpha, beta, sample, seed
+        self.alpha, self.beta = number("alpha", alpha), number("beta", beta)
+        if self.alpha < 0 or not 0 < self.beta <= 1:
+            raise InputError("alpha must be at least 0 and beta in (0, 1]")
+        if not isinstance(sample, bool):
+            raise InputError(f"sample must be True or False, not {sample!r}")
+        temperature, top_p = number("temperature", temperature), number("top_p", top_p)
+        if temperature <= 0 or not 0 < top_p <= 1:
+            raise InputError("temperature must be positive and top_p in (0, 1]")
+        top_k = integer("top_k", top_k, minimum=0)
+        self.sample, self.seed = sample, valid_seed(seed)
+        #: The checked settings, to make an equal processor again.
+        self.settings: dict[str, Any] = {
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "sample": sample,
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "seed": self.seed,
+        }
         warpers: list[LogitsProcessor] = []
         if temperature != 1.0:
             warpers.append(TemperatureLogitsWarper(temperature))
@@ -172,27 +191,19 @@ class VCD(Decoder):
         top_p: float = 1.0,
         seed: int = 0,
     ) -> None:
-        self.alpha = number("alpha", alpha)
-        self.beta = number("beta", beta)
-        if self.alpha < 0 or not 0 < self.beta <= 1:
-            raise InputError("alpha must be at least 0 and beta in (0, 1]")
         alpha_bar(noise_step)  # checks the step
         self.noise_step = int(noise_step)
-        if not isinstance(sample, bool):
-            raise InputError(f"sample must be True or False, not {sample!r}")
-        self.sample = sample
-        self.temperature = number("temperature", temperature)
-        self.top_p = number("top_p", top_p)
-        if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise InputError("temperature must be positive and top_p in (0, 1]")
-        self.top_k = integer("top_k", top_k, minimum=0)
-        self.seed = valid_seed(seed)
+        checked = VCDLogitsProcessor(alpha, beta, sample, temperature, top_k, top_p, seed)
+        self.settings = checked.settings  # the processor checks its own settings
+        self.seed = checked.seed
+
+    @property
+    def draws(self) -> bool:
+        return bool(self.settings["sample"])
 
     def processor(self) -> VCDLogitsProcessor:
         """A fresh processor with these settings (its generator starts from ``seed``)."""
-        return VCDLogitsProcessor(
-            self.alpha, self.beta, self.sample, self.temperature, self.top_k, self.top_p, self.seed
-        )
+        return VCDLogitsProcessor(**self.settings)
 
     def decode(self, vlm: VLM, inputs: Inputs, max_new_tokens: int) -> torch.Tensor:
         pair = with_distorted(inputs, self.noise_step, self.seed)

@@ -149,6 +149,10 @@ def test_registered():
 def test_bad_settings(settings):
     with pytest.raises(InputError):
         make_decoder("vcd", **settings)
+    decoding_only = {"noise_step", "gamma"}
+    if not decoding_only & set(settings):  # the processor, used on its own, checks them too
+        with pytest.raises(InputError):
+            VCDLogitsProcessor(**settings)
 
 
 def test_every_architecture(any_vlm):
