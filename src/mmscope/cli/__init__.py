@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mmscope.cli.evaluate import add_commands as add_eval_commands
 from mmscope.cli.inside import add_commands as add_inside_commands
+from mmscope.cli.studies import add_commands as add_study_commands
 from mmscope.core.errors import InputError, MMScopeError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -282,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=_bench)
 
     add_inside_commands(sub)
+    add_study_commands(sub)
 
     methods = sub.add_parser("methods", help="list every registered method by survey level")
     methods.set_defaults(handler=_methods)
