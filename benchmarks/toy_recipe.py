@@ -26,7 +26,7 @@ from mmscope.models.loading import toy_path
 from mmscope.toys import build
 from mmscope.toys.data import SceneBank
 from mmscope.toys.evaluate import eval_llava
-from mmscope.toys.train import TRAIN_SEED, Recipe, save_toy, train_llava
+from mmscope.toys.train import TRAIN_SEED, Recipe, save_toy, train_llava, weights_sha256
 
 
 def _recipe(settings: list[str]) -> Recipe:
@@ -64,7 +64,13 @@ def main() -> None:
     processor = build.llava_processor(question_first=recipe.question_first)
     result = eval_llava(LlavaVLM(model, processor, "toy-llava (recipe)"), n=args.n)
     if args.save:
-        info = {"recipe": asdict(recipe), "train_seed": TRAIN_SEED + recipe.seed}
+        info = {
+            "recipe": asdict(recipe),
+            "train_seed": TRAIN_SEED + recipe.seed,
+            "device": args.device,
+            "seconds": round(minutes * 60, 1),
+            "vision_from": {"path": "toy-clip", "sha256": weights_sha256(toy_path("toy-clip"))},
+        }
         save_toy(model, "llava", Path(args.save), info, recipe.question_first)
     report = {
         "recipe": asdict(recipe),
