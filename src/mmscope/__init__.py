@@ -42,6 +42,8 @@ if TYPE_CHECKING:
         prune,
         trace,
     )
+    from mmscope.methods.neuron.edit import edited
+    from mmscope.methods.study import studies, study
     from mmscope.models import VLM, load
 
 __version__ = "0.1.0"
@@ -59,6 +61,9 @@ _LAZY = {
     "decoders": "mmscope.decoding",
     "generate": "mmscope.decoding",
     "explain_hallucination": "mmscope.decoding.explain",
+    "study": "mmscope.methods.study",
+    "studies": "mmscope.methods.study",
+    "edited": "mmscope.methods.neuron.edit",
     **{
         name: "mmscope.methods.inside"
         for name in (
@@ -101,6 +106,9 @@ __all__ = [
     "decoders",
     "generate",
     "explain_hallucination",
+    "study",
+    "studies",
+    "edited",
     "lens",
     "ablate_tokens",
     "knockout",

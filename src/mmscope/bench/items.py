@@ -20,7 +20,7 @@ from PIL import Image
 
 from mmscope.core.errors import InputError
 from mmscope.core.validate import positive_int
-from mmscope.world import make_samples, unanswerable
+from mmscope.world import Scene, make_samples, unanswerable
 from mmscope.world.rle import decode_rle
 
 #: Seed of the benchmark's world items: never used to train or evaluate the toys.
@@ -37,6 +37,10 @@ class BenchItem:
         answer: the expected answer, ``""`` where unknown (then every answer counts as right).
         mask: bool ``(height, width)`` evidence in the image's pixels, or ``None``.
         kind: the question type, where known.
+        scene: the world scene the image shows (world items only): the truth that the
+            neuron- and embedding-level studies score against.
+        objects: bool masks ``(n_objects, height, width)`` in the order of ``scene.objects``.
+        evidence: indices of the objects the question is about.
     """
 
     image: Image.Image
@@ -44,6 +48,9 @@ class BenchItem:
     answer: str = ""
     mask: np.ndarray | None = field(default=None, repr=False)
     kind: str = ""
+    scene: Scene | None = field(default=None, repr=False)
+    objects: np.ndarray | None = field(default=None, repr=False)
+    evidence: tuple[int, ...] = ()
 
 
 def world_items(n: int, seed: int = BENCH_SEED, contrastive: bool = False) -> list[BenchItem]:
@@ -54,11 +61,33 @@ def world_items(n: int, seed: int = BENCH_SEED, contrastive: bool = False) -> li
         if contrastive:
             j = i % len(sample.scene.objects)
             obj = sample.scene.objects[j]
-            out.append(BenchItem(sample.image, f"a {obj.name}", "", sample.masks[j], "object"))
+            out.append(
+                BenchItem(
+                    sample.image,
+                    f"a {obj.name}",
+                    "",
+                    sample.masks[j],
+                    "object",
+                    sample.scene,
+                    sample.masks,
+                    (j,),
+                )
+            )
             continue
         q = sample.questions[i % len(sample.questions)]
         mask = np.any(sample.masks[list(q.evidence)], axis=0) if q.evidence else None
-        out.append(BenchItem(sample.image, q.text, q.answer, mask, q.type))
+        out.append(
+            BenchItem(
+                sample.image,
+                q.text,
+                q.answer,
+                mask,
+                q.type,
+                sample.scene,
+                sample.masks,
+                tuple(q.evidence),
+            )
+        )
     return out
 
 

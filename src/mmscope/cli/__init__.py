@@ -182,6 +182,7 @@ def _demo(args: argparse.Namespace) -> int:
         bench=args.bench,
         inside=args.inside,
         decoding=args.decoding,
+        neurons=args.neurons,
     )
     print(f"wrote {path}")
     return 0
@@ -302,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--decoding", type=int, default=40, help="world images of the decoders' section"
+    )
+    demo.add_argument(
+        "--neurons", type=int, default=40, help="world items of the neurons-and-concepts section"
     )
     demo.add_argument("--out", default="mmscope-report")
     demo.set_defaults(handler=_demo)

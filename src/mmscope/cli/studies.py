@@ -21,18 +21,24 @@ from mmscope.core.errors import InputError
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: its studies (the first is the default ``--method``) and the files it
-    loads into keywords of the call (``--flag`` -> keyword, loader ``module:function``)."""
+    """A subcommand: its studies (the first is the default ``--method``), the files it
+    loads into keywords of the call (``--flag`` -> keyword, loader ``module:function``) and
+    the world items it runs on without ``--data`` (``module:function(n, seed)``)."""
 
     studies: tuple[str, ...]
     help: str
     loads: tuple[tuple[str, str, str], ...] = field(default=())
+    world: str = ""
 
 
 GROUPS: dict[str, dict[str, Command]] = {
     "neurons": {
         "stats": Command(("neuron_stats",), "activation statistics per neuron and token group"),
-        "dape": Command(("dape",), "domain-specific neurons (MMNeuron's DAPE)"),
+        "dape": Command(
+            ("dape",),
+            "domain-specific neurons (MMNeuron's DAPE) over the world's background styles",
+            world="mmscope.methods.neuron.dape:domain_items",
+        ),
         "miner": Command(("miner",), "modality-specific neurons (MINER)"),
         "knowledge": Command(("knowledge_neurons",), "knowledge neurons of answers (Dai et al.)"),
         "dissect": Command(
@@ -122,11 +128,11 @@ def _typed(default: Any, text: str) -> Any:
     return text
 
 
-def _load(spec: str, path: str) -> Any:
+def _loader(spec: str) -> Any:
     import importlib
 
     module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)(path)
+    return getattr(importlib.import_module(module), name)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,13 +144,14 @@ def run(args: argparse.Namespace) -> int:
     key = getattr(args, "method", None) or command.studies[0]
     chosen = settings(key, args.set)
     vlm = load(args.model)
-    items = (
-        load_items(args.data)
-        if args.data
-        else world_items(args.n, seed=args.seed, contrastive=vlm.contrastive)
-    )
+    if args.data:
+        items = load_items(args.data)
+    elif command.world:
+        items = _loader(command.world)(args.n, seed=args.seed)
+    else:
+        items = world_items(args.n, seed=args.seed, contrastive=vlm.contrastive)
     out = Path(args.out)
-    data = {kw: _load(loader, getattr(args, flag[2:])) for flag, kw, loader in command.loads}
+    data = {kw: _loader(spec)(getattr(args, flag[2:])) for flag, kw, spec in command.loads}
     from mmscope.core.registry import REGISTRY
 
     if "checkpoint" in inspect.signature(REGISTRY.get(key, KIND).obj.__call__).parameters:

@@ -1,3 +1,3 @@
 """Registered methods, in folders by the survey's levels; importing this registers them."""
 
-from mmscope.methods import attribution, layer, token  # noqa: F401
+from mmscope.methods import attribution, embedding, layer, neuron, token  # noqa: F401

@@ -15,6 +15,7 @@ from mmscope.report.decoding import decoding_section
 from mmscope.report.explanations import explanation_rows
 from mmscope.report.html import data_uri, write_page
 from mmscope.report.inside import inside_section
+from mmscope.report.neurons import neurons_section
 from mmscope.world import (
     DESCRIBE_PROMPT,
     QUESTION_TYPES,
@@ -104,12 +105,13 @@ def run_demo(
     bench: int = 10,
     inside: int = 30,
     decoding: int = 40,
+    neurons: int = 40,
 ) -> Path:
     """Answer ``n`` world questions and describe a few images, explain ``explain`` of the
     answers with every attribution method, score every method on ``bench`` items (0: skip)
     with POPE beside, run every inside-the-model analysis on ``inside`` world questions (0:
-    skip), compare every decoder on ``decoding`` world images (0: skip); write
-    ``out_dir/index.html``."""
+    skip), compare every decoder on ``decoding`` world images (0: skip), run the neuron and
+    concept studies on ``neurons`` world items (0: skip); write ``out_dir/index.html``."""
     vlm = load(model)
     scenes = sample_scenes(n, seed)
     rng = np.random.default_rng(seed)
@@ -143,6 +145,7 @@ def run_demo(
     benchmark = _benchmark(vlm, out_dir, bench) if bench else None
     analyses = inside_section(vlm, inside) if inside else None
     decoders = decoding_section(vlm, decoding) if decoding else None
+    units = neurons_section(vlm, neurons) if neurons else None
     return write_page(
         out_dir / "index.html",
         "demo.html",
@@ -157,4 +160,5 @@ def run_demo(
         benchmark=benchmark,
         inside=analyses,
         decoding=decoders,
+        neurons=units,
     )

@@ -54,12 +54,13 @@ def test_bad_settings_raise_input_errors():
 
 def test_pope_and_chair_decode_with_the_chosen_decoder(toy_llava):
     greedy = Pope("adversarial", n_images=8)(toy_llava)
-    sampled = Pope("adversarial", n_images=8, decoder="sampling", decoder_settings={"seed": 3})(
-        toy_llava
-    )
+    # hot enough to leave the greedy answer: toy-llava is sure of its yes/no, so at temperature
+    # 1 seed 3 samples the greedy answer to all 36 probes (measured); at 3, 21 of 36 differ
+    hot = {"seed": 3, "temperature": 3.0}
+    sampled = Pope("adversarial", n_images=8, decoder="sampling", decoder_settings=hot)(toy_llava)
     assert [r["question"] for r in greedy.per_item] == [r["question"] for r in sampled.per_item]
     assert sampled.settings["decoder"] == "sampling"
     answers = [r["answer"] for r in sampled.per_item]
-    assert any(a != r["answer"] for a, r in zip(answers, greedy.per_item))
+    assert sum(a != r["answer"] for a, r in zip(answers, greedy.per_item)) >= 5
     chair = Chair(n_images=4, decoder="beam")(toy_llava)
     assert chair.settings["decoder"] == "beam" and len(chair.per_item) == 4
