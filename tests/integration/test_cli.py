@@ -83,7 +83,7 @@ def test_ask_answers_with_the_toy(tmp_path):
 
 def test_demo_writes_the_report(tmp_path):
     args = ["demo", "--out", str(tmp_path), "--n", "5", "--explain", "1", "--bench", "2"]
-    args += ["--inside", "12", "--decoding", "6"]
+    args += ["--inside", "12", "--decoding", "6", "--neurons", "12"]
     assert main(args) == 0
     html = (tmp_path / "index.html").read_text()
     assert html.count("<img") >= 10 and "what" in html or "is there" in html
@@ -105,6 +105,11 @@ def test_demo_writes_the_report(tmp_path):
     for key in decoders():  # a row of the comparison and a caption per decoder
         assert html.count(f"<td><b>{key}</b></td>") == 1 and f"<td>{key}</td>" in html
     assert "<mark>" in html and 'alt="hallucination"' in html
+    from mmscope.report.neurons import CLIP, LLAVA
+
+    assert "Neurons and concepts" in html
+    for key in [*LLAVA, *CLIP]:  # one figure per study
+        assert f'alt="{key}"' in html
 
 
 def test_explain_writes_overlays_scores_and_a_page(tmp_path, capsys):
@@ -229,3 +234,46 @@ def test_inside_command_on_a_given_image_with_an_evidence_box(tmp_path, capsys):
     assert sets["object"]["mean_tokens"] == sets["random"]["mean_tokens"] > 0
     assert main(args + ["--out", str(tmp_path)]) == 2  # the object set needs a box
     assert "--box" in capsys.readouterr().err
+
+
+STUDY_COMMANDS = [
+    (["neurons", "stats"], "neuron_stats", "neuron_stats.neurons.parquet"),
+    (["neurons", "dape"], "dape", "dape.dape.parquet"),
+    (["neurons", "miner"], "miner", "miner.miner.parquet"),
+    (["neurons", "dissect", "--model", "toy-clip"], "network_dissection", None),
+    (["probe", "--set", "concepts=color"], "probe", "probe.probes.parquet"),
+    (["concepts", "splice", "--model", "toy-clip"], "splice", None),
+    (["concepts", "anisotropy"], "anisotropy", None),
+    (["sae", "train", "--set", "epochs=2"], "sae_train", None),
+]
+
+
+@pytest.mark.parametrize("args,key,table", STUDY_COMMANDS)
+def test_study_commands_write_json_a_figure_and_tables(args, key, table, tmp_path, capsys):
+    """Study commands on a few world items: the result on stdout, JSON, PNG and Parquet."""
+    assert main([*args, "--n", "8", "--out", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert json.loads((tmp_path / f"{key}.json").read_text()) == out
+    assert (tmp_path / f"{key}.png").stat().st_size > 1000
+    if table:
+        from mmscope.methods.study import read_table
+
+        assert len(next(iter(read_table(tmp_path / table).values()))) > 0
+
+
+def test_study_commands_chain_and_refuse_bad_settings(tmp_path, capsys):
+    """A saved neuron set feeds `neurons edit`; a saved SAE feeds `sae label`; a setting the
+    study does not take exits 2 with one line."""
+    assert main(["neurons", "miner", "--n", "8", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    edit = ["neurons", "edit", "--n", "8", "--neurons", str(tmp_path / "miner.json")]
+    assert main([*edit, "--set", "random_sets=1", "--out", str(tmp_path), "--json"]) == 0
+    assert "accuracy" in json.dumps(json.loads(capsys.readouterr().out))
+    clip = ["--model", "toy-clip", "--n", "8", "--out", str(tmp_path)]
+    assert main(["sae", "train", *clip, "--set", "epochs=2"]) == 0
+    assert main(["sae", "label", *clip, "--sae", str(tmp_path / "sae_train.json")]) == 0
+    assert (tmp_path / "sae_label.json").is_file()
+    capsys.readouterr()
+    assert main(["neurons", "stats", "--n", "2", "--set", "no_such=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "neuron_stats takes" in err

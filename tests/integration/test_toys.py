@@ -32,14 +32,14 @@ def test_toys_are_small_and_safetensors_only():
 
 
 def test_toy_llava_answers_held_out_questions():
-    """Guards for the shipped toy-llava (measured on 2,000 questions: 0.805 overall, every type
-    >= 0.72). The foundation issue's target, 0.95 overall and 0.90 per type, is not met yet;
-    these bounds catch a broken or retrained-worse toy."""
+    """The foundation issue's target is 0.95 overall and 0.90 per type on 2,000 held-out
+    questions: measured 0.964, every type >= 0.935 (`mmscope toys eval`). On these 400
+    (80 a type) measured 0.9625, every type >= 0.9375; the bounds leave room for sampling."""
     result = eval_llava(mmscope.load("toy-llava"), n=400, n_captions=100)
-    assert result["accuracy"] >= 0.75, result
-    assert min(result["by_type"].values()) >= 0.62, result
-    # the co-occurrence prior shows up in captions, without dominating them
-    assert 0.0 < result["chair_i"] < 0.25, result
+    assert result["accuracy"] >= 0.94, result
+    assert min(result["by_type"].values()) >= 0.88, result
+    # the co-occurrence prior shows up in captions (measured CHAIR_i 0.057), without dominating
+    assert 0.0 < result["chair_i"] < 0.15, result
 
 
 def test_toy_clip_zero_shot_and_retrieval():

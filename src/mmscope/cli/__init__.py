@@ -249,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", required=True)
     sample.set_defaults(handler=_world_sample)
 
-    train = sub.add_parser("train-toy", help="train the toy models on the world (CPU)")
+    train = sub.add_parser(
+        "train-toy", help="train the toy models on the world (llava starts from a toy-clip)"
+    )
     train.add_argument("which", choices=["llava", "clip", "all"])
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", help="folder for the weights (default: the package's own)")

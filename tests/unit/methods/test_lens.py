@@ -87,17 +87,26 @@ def test_first_top_layer_reads_the_ranks():
 
 
 def test_on_toy_llava_the_answer_forms_in_the_upper_layers(toy_llava):
-    """Measured on 100 world questions: the answer's probability at the last position grows
-    with depth; existence answers (which bind colour and shape) become the top token only from
-    layer 2 of 4 on (17 of 20), colour answers mostly from layer 1 (15 of 20)."""
+    """Measured on 50 world questions (seed 5): the answer's mean probability at the last
+    position is 0.28, 0.39, 0.84, 0.96 over the 4 layers; the rise is in layer 2, where the last
+    token reads the image (see the knockout test). Answers read from the image become the top
+    token from layer 2 on ("yes" 8 of 8, colour 10 of 10; over seeds 5, 0, 1: "yes" 18 of 19,
+    colour 21 of 30), answers the prior gives anyway are top from layer 0 on ("no" 2 of 2,
+    the count "one" 6 of 6; over the three seeds 23 of 26)."""
     items = world_items(50, seed=5)
     inputs = toy_llava.prepare([it.image for it in items], [it.prompt for it in items])
     result = LogitLens(k=3)(toy_llava, inputs)
     answer = result.target_probs[:, :, -1]
     assert answer[-1].mean() > answer[0].mean() + 0.3
-    first = {kind: [] for kind in ("existence", "color")}
+    rise = np.diff(answer.mean(1))
+    assert int(np.argmax(rise)) == 1 and rise[1] > 2 * max(rise[0], rise[2])  # 0.44 vs 0.12
+    first = {key: [] for key in ("yes", "color", "prior")}
     for b, item in enumerate(items):
-        if item.kind in first:
-            first[item.kind].append(result.first_top_layer(b))
-    assert np.mean([f is not None and f >= 2 for f in first["existence"]]) >= 0.7, first
-    assert np.mean([f is not None and f <= 1 for f in first["color"]]) >= 0.6, first
+        key = "color" if item.kind == "color" else item.answer
+        key = "prior" if key in ("no", "one") else key
+        if key in first:
+            first[key].append(result.first_top_layer(b))
+    assert min(len(v) for v in first.values()) >= 5, first
+    assert np.mean([f is not None and f >= 2 for f in first["yes"]]) >= 0.8, first  # 8 of 8
+    assert np.mean([f is not None and f >= 2 for f in first["color"]]) >= 0.7, first  # 10 of 10
+    assert np.mean([f == 0 for f in first["prior"]]) >= 0.7, first  # 8 of 8

@@ -184,23 +184,28 @@ def world_grid(toy_llava):
     items = world_items(100, seed=0)
     inputs = toy_llava.prepare([i.image for i in items], [i.prompt for i in items])
     ids = [toy_llava.tokenizer.encode(i.answer, add_special_tokens=False)[0] for i in items]
-    analysis = FastV(layers=(1, 2), ratios=(0.25, 0.5, 0.9), batch_size=4)
+    analysis = FastV(layers=(1, 2, 3), ratios=(0.25, 0.5, 0.9), batch_size=4)
     return analysis(toy_llava, inputs, TokenId(ids))
 
 
 def test_world_accuracy_breaks_when_pruning_early(world_grid):
-    """Measured (n=100, seed 0): baseline 0.83. K=1: 0.78/0.75 at R=0.25, 0.48/0.49 at R=0.9
-    (last/received); K=2: 0.82/0.82 at R=0.25, 0.83/0.76 at R=0.9: pruning after layer 2
-    costs little (FastV's finding), after layer 1 it breaks at R=0.25 with drop 0.05."""
+    """Measured (n=100, seed 0): baseline 0.98. Accuracy at R = 0.25/0.5/0.9, last/received:
+    K=1 0.97/0.97, 0.92/0.89, 0.74/0.65; K=2 0.98/0.94, 0.93/0.88, 0.82/0.78; K=3 0.98/0.98,
+    0.98/0.98, 0.98/0.95. The question comes before the image and the last token reads the
+    image in layer 2 (see the knockout test): pruning after layer 1 or 2 removes image tokens
+    before they are read and breaks by R = 0.9; pruning after layer 3 costs nothing."""
     res = world_grid
-    assert res.baseline > 0.7  # the toy answers most world questions
+    assert res.baseline > 0.9  # the toy answers most world questions
     for r in range(2):
-        k1, k2 = res.accuracy[r, 0], res.accuracy[r, 1]
+        k1, k2, k3 = res.accuracy[r]
         assert k1[2] < k1[0] - 0.15  # R=0.9 at K=1 hurts far more than R=0.25
-        assert k2[2] > k1[2] + 0.15  # later pruning hurts less
-        assert k2[0] >= res.baseline - 0.05  # R=0.25 after layer 2 stays near the baseline
-    assert res.breaks_at("last", 1, drop=0.1) in (0.5, 0.9)
-    assert res.breaks_at("last", 2, drop=0.2) is None
+        assert k2[2] < res.baseline - 0.1  # and still at K=2 (measured drops 0.16, 0.20)
+        assert k3[2] > k2[2] + 0.1  # after layer 3 it holds (measured +0.16, +0.17)
+        assert k3[2] >= res.baseline - 0.08  # measured 0.98, 0.95
+        assert k2[2] >= k1[2]  # later pruning hurts less
+    assert res.accuracy[0, 0, 2] > res.accuracy[1, 0, 2] + 0.05  # "last" beats "received"
+    assert res.breaks_at("last", 1, drop=0.1) == 0.9
+    assert res.breaks_at("last", 3) is None
     assert np.all(np.diff(res.flops_saved, axis=1) > 0)  # more pruning, more saved
-    assert np.all(res.flops_saved[0] > res.flops_saved[1])  # earlier pruning, more saved
+    assert np.all(np.diff(res.flops_saved, axis=0) < 0)  # earlier pruning, more saved
     assert res.plot().axes  # draws

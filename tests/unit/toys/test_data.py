@@ -95,3 +95,30 @@ def test_per_example_loss_weighs_every_example_equally():
     # example 0 costs 0, example 1 costs log 5 on each of its 3 tokens: mean of the two
     expected = 0.5 * float(torch.log(torch.tensor(5.0)))
     assert float(_per_example_loss(logits, labels)) == pytest.approx(expected, abs=1e-5)
+
+
+def test_train_toy_llava_starts_from_the_toy_clip_in_out_and_records_it(tmp_path):
+    import json
+
+    from mmscope.toys.train import train_toys, weights_sha256
+
+    recipe = Recipe(
+        bank_size=32, clip_steps=2, clip_batch=8, llava_steps=2, llava_batch=4, warmup=1
+    )
+    clip_dir = train_toys("clip", tmp_path, recipe)["toy-clip"]
+    assert not (tmp_path / "toy-llava").exists()
+    llava_dir = train_toys("llava", tmp_path, recipe)["toy-llava"]
+    info = json.loads((llava_dir / "training.json").read_text())
+    assert info["vision_from"]["sha256"] == weights_sha256(clip_dir)
+    assert info["recipe"]["question_first"] is True and info["seconds"] > 0
+    # its vision tower starts from that toy-clip: after 2 steps at 0.2x the rate it is close
+    from safetensors.torch import load_file
+
+    clip = load_file(clip_dir / "model.safetensors")
+    llava = load_file(llava_dir / "model.safetensors")
+    key = "vision_model.embeddings.patch_embedding.weight"
+    ours = next(v for k, v in llava.items() if k.endswith(key.split("vision_model.")[1]))
+    assert torch.allclose(ours, clip[key], atol=2e-3)  # weights have std 0.04
+    # and its processor puts the question first
+    template = (llava_dir / "chat_template.jinja").read_text()
+    assert template.index("'text'") < template.index("<image>")
