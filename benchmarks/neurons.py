@@ -1,7 +1,7 @@
 """What the streaming neuron statistics cost over the plain forward passes they need.
 
     python benchmarks/neurons.py [--model toy-llava] [--n 128] [--batch-size 16] [--top-k 5]
-                                 [--threads 2] [--repeats 3] [--json]
+                                 [--lm-width 1024] [--threads 2] [--repeats 3] [--json]
 
 ``hook_overhead``: wall time of the ``neuron_stats`` engine's forwards (every MLP activation
 site reduced inside the forward: counts, active counts, sums, maxima and top-k per token
@@ -10,6 +10,10 @@ fixed world items (inputs prepared once, outside both timings). Goal (the issue)
 1.15. ``study_items_per_s`` is the whole study (preparing inputs included) per second.
 Times are the minimum over ``repeats``, the runs interleaved; on CPU they are the process's
 CPU time (run with one thread), on a GPU synchronised wall time.
+
+``--lm-width W`` runs a random-weight model of toy-llava's shape whose language model is W wide
+(MLP 2.75 W, W / 64 heads): the toy's 128-wide LM makes the per-batch reductions weigh far more
+against its forward than a real model's would.
 
 ``peak_memory_mb``: growth of the process's peak resident set during the first study run
 (on a GPU: ``torch.cuda.max_memory_allocated`` growth); ``accumulator_mb``: the size of the
@@ -56,6 +60,23 @@ def _timed(fn: Any) -> float:
     return clock() - start
 
 
+def _wider(model: str, width: int) -> Any:
+    """``model`` (a toy-llava-shaped LLaVA) with a random language model ``width`` wide."""
+    from transformers import LlavaForConditionalGeneration
+
+    from mmscope.models.llava import LlavaVLM
+
+    base = load(model)
+    config = base.model.config
+    text = config.text_config
+    text.hidden_size, text.intermediate_size = width, int(2.75 * width)
+    text.num_attention_heads = text.num_key_value_heads = max(1, width // 64)
+    text.head_dim = width // text.num_attention_heads
+    torch.manual_seed(0)
+    wide = LlavaForConditionalGeneration(config).eval()
+    return LlavaVLM(wide, base.processor, f"{model} (random LM, width {width})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="toy-llava")
@@ -65,10 +86,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda")
+    parser.add_argument(
+        "--lm-width", type=int, default=0, help="a random LM this wide (0: the toy)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    vlm = load(args.model)
+    vlm = _wider(args.model, args.lm_width) if args.lm_width else load(args.model)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -113,7 +137,7 @@ def main() -> None:
     t_bare, t_hooked, t_study = (min(runs[k]) for k in ("bare", "hooked", "study"))
     acc_bytes = sum(t.numel() * t.element_size() for st in acc.state.values() for t in st.values())
     report: dict[str, Any] = {
-        "model": args.model,
+        "model": vlm.name,
         "device": str(vlm.device),
         "threads": args.threads,
         "items": args.n,
