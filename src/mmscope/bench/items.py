@@ -21,6 +21,8 @@ from PIL import Image
 from mmscope.core.errors import InputError
 from mmscope.core.validate import positive_int
 from mmscope.world import Scene, make_samples, unanswerable
+from mmscope.world.dataset import WorldSample
+from mmscope.world.questions import Question
 from mmscope.world.rle import decode_rle
 
 #: Seed of the benchmark's world items: never used to train or evaluate the toys.
@@ -60,35 +62,19 @@ def world_items(n: int, seed: int = BENCH_SEED, contrastive: bool = False) -> li
     for i, sample in enumerate(make_samples(positive_int("n", n), seed)):
         if contrastive:
             j = i % len(sample.scene.objects)
-            obj = sample.scene.objects[j]
-            out.append(
-                BenchItem(
-                    sample.image,
-                    f"a {obj.name}",
-                    "",
-                    sample.masks[j],
-                    "object",
-                    sample.scene,
-                    sample.masks,
-                    (j,),
-                )
-            )
-            continue
-        q = sample.questions[i % len(sample.questions)]
-        mask = np.any(sample.masks[list(q.evidence)], axis=0) if q.evidence else None
-        out.append(
-            BenchItem(
-                sample.image,
-                q.text,
-                q.answer,
-                mask,
-                q.type,
-                sample.scene,
-                sample.masks,
-                tuple(q.evidence),
-            )
-        )
+            name = sample.scene.objects[j].name
+            truth = (sample.scene, sample.masks, (j,))
+            out.append(BenchItem(sample.image, f"a {name}", "", sample.masks[j], "object", *truth))
+        else:
+            out.append(question_item(sample, sample.questions[i % len(sample.questions)]))
     return out
+
+
+def question_item(sample: WorldSample, q: Question) -> BenchItem:
+    """A world sample asked ``q``, with the mask of its evidence and the scene's truth."""
+    mask = np.any(sample.masks[list(q.evidence)], axis=0) if q.evidence else None
+    truth = (sample.scene, sample.masks, tuple(q.evidence))
+    return BenchItem(sample.image, q.text, q.answer, mask, q.type, *truth)
 
 
 def answerability_items(n: int, seed: int = BENCH_SEED) -> list[BenchItem]:

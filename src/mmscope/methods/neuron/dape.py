@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmscope.bench.items import BENCH_SEED, BenchItem
+from mmscope.bench.items import BENCH_SEED, BenchItem, question_item
 from mmscope.core.errors import InputError
 from mmscope.core.registry import register
 from mmscope.core.validate import number, positive_int, valid_seed
@@ -82,20 +82,7 @@ def domain_items(n: int, seed: int = BENCH_SEED, styles: Sequence[str] = STYLES)
         style = styles[i % len(styles)]
         j = i // len(styles)
         sample = samples[style][j]
-        q = sample.questions[j % len(sample.questions)]
-        mask = np.any(sample.masks[list(q.evidence)], axis=0) if q.evidence else None
-        items.append(
-            BenchItem(
-                sample.image,
-                q.text,
-                q.answer,
-                mask,
-                q.type,
-                sample.scene,
-                sample.masks,
-                tuple(q.evidence),
-            )
-        )
+        items.append(question_item(sample, sample.questions[j % len(sample.questions)]))
     return items
 
 
