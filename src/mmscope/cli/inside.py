@@ -138,7 +138,7 @@ def _target(vlm: Any, args: argparse.Namespace, answers: list[str]) -> Any:
         return targets.Token(args.target)
     if vlm.contrastive or args.image or not all(answers):
         return None
-    ids = [targets.token_id(vlm, a.split()[0]) for a in answers]
+    ids = [targets.answer_id(vlm, a) for a in answers]
     return targets.TokenId(ids)  # world questions: the true answer's first word
 
 

@@ -94,6 +94,14 @@ def token_id(vlm: VLM, word: str) -> int:
     )
 
 
+def answer_id(vlm: VLM, answer: str) -> int:
+    """The id of an answer's first word as one token (``"bottom right"``: ``"bottom"``)."""
+    words = answer.split()
+    if not words:
+        raise InputError("an empty answer has no first token")
+    return token_id(vlm, words[0])
+
+
 def _next_token_target(vlm: VLM, inputs: Inputs, ids: Sequence[int], what: str) -> BoundTarget:
     """Log-probability of ``ids[b]`` as the next token of item ``b``."""
     index = torch.tensor(list(ids), dtype=torch.long)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from mmscope.bench.items import BenchItem, answerability_items, world_items
-from mmscope.core.targets import TokenId, token_id
+from mmscope.core.targets import TokenId, answer_id
 from mmscope.methods.inside import analyse
 from mmscope.models.base import VLM
 
@@ -27,7 +27,7 @@ def figure_uri(figure: Any) -> str:
 
 
 def _answers(vlm: VLM, items: list[BenchItem]) -> TokenId:
-    return TokenId([token_id(vlm, it.answer.split()[0]) for it in items])
+    return TokenId([answer_id(vlm, it.answer) for it in items])
 
 
 def _evidence_question(items: list[BenchItem]) -> BenchItem:

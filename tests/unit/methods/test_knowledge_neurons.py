@@ -10,13 +10,12 @@ from mmscope.bench.items import BenchItem, world_items
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import capture, patch
 from mmscope.core.state import model_state
+from mmscope.core.targets import answer_id
 from mmscope.methods.neuron.knowledge import (
     KnowledgeNeurons,
     adapt_share,
-    answer_token,
     coarse,
     integrated_gradients,
-    last_positions,
     refine,
 )
 from mmscope.methods.study import study
@@ -28,12 +27,19 @@ SITE = "lm.layer[1].mlp.act"
 def case(tiny_llava):
     items = world_items(3)
     inputs = tiny_llava.prepare([it.image for it in items], [it.prompt for it in items])
-    return inputs, [answer_token(tiny_llava, it.answer) for it in items]
+    return inputs, [answer_id(tiny_llava, it.answer) for it in items]
+
+
+def _last(inputs):
+    """The last attended position of each item, from the attention mask (the method takes
+    the last position, which left padding makes the same)."""
+    mask = inputs.tensors["attention_mask"]
+    return torch.stack([torch.nonzero(row).max() for row in mask])
 
 
 def _prob(vlm, inputs, targets, value=None):
     """P(target) with the site's last-position vector replaced by ``value`` (rows)."""
-    last = last_positions(inputs)
+    last = _last(inputs)
     rows = torch.arange(inputs.batch_size)
 
     def put(out):
@@ -61,7 +67,7 @@ def test_agrees_with_captum(tiny_llava, case):
 
     inputs, targets = case
     ours = integrated_gradients(tiny_llava, inputs, SITE, targets, steps=20)
-    last = last_positions(inputs)
+    last = _last(inputs)
     with torch.no_grad(), capture(tiny_llava, SITE) as cap:
         tiny_llava.forward(inputs)
     full = cap[SITE][torch.arange(3), last]

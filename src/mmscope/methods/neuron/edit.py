@@ -22,11 +22,11 @@ import torch
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import PatchFn, capture, patch
 from mmscope.core.registry import register
+from mmscope.core.targets import answer_id
 from mmscope.core.validate import integer, number, positive_int, valid_seed
 from mmscope.methods.activations import batches
 from mmscope.methods.analysis import Result, jsonable, new_figure
 from mmscope.methods.neuron.base import NeuronSet
-from mmscope.methods.neuron.knowledge import answer_token, last_positions
 from mmscope.methods.study import KIND, Study
 
 if TYPE_CHECKING:
@@ -96,10 +96,10 @@ def answer_scores(
         inputs = vlm.prepare([it.image for it in chunk], [it.prompt for it in chunk])
         answers = vlm.generate(inputs, max_new_tokens=max_new_tokens)  # type: ignore[attr-defined]
         right += [a == it.answer for a, it in zip(answers, chunk)]
-        ids = torch.tensor([answer_token(vlm, it.answer) for it in chunk])
+        ids = torch.tensor([answer_id(vlm, it.answer) for it in chunk])
         rows = torch.arange(len(chunk))
         with torch.no_grad():
-            logits = vlm.forward(inputs).logits[rows, last_positions(inputs).cpu()].float()
+            logits = vlm.forward(inputs).logits[:, -1].float()
         probs.append(logits.softmax(-1)[rows, ids.to(logits.device)].cpu().numpy())
     return np.array(right, dtype=bool), np.concatenate(probs)
 

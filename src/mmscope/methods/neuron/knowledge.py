@@ -29,6 +29,7 @@ from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import capture, patch
 from mmscope.core.registry import register
 from mmscope.core.state import preserved
+from mmscope.core.targets import answer_id
 from mmscope.core.validate import number, positive_int
 from mmscope.methods.activations import batches
 from mmscope.methods.neuron.base import NeuronSet
@@ -44,26 +45,6 @@ BOUNDS = (2, 5)
 STEP = 0.05
 
 
-def answer_token(vlm: VLM, answer: str) -> int:
-    """The id of the answer's first token (the world's answers are mostly one word)."""
-    tok = vlm.tokenizer
-    for text in (answer, " " + answer):
-        ids = tok.encode(text, add_special_tokens=False)
-        if len(ids) == 1:
-            return int(ids[0])
-    ids = tok.encode(answer, add_special_tokens=False)
-    if not ids:
-        raise InputError(f"the answer {answer!r} has no tokens")
-    return int(ids[0])
-
-
-def last_positions(inputs: Inputs) -> torch.Tensor:
-    """Per item, the last attended position (where the next token is read)."""
-    mask = inputs.attention_mask
-    length = torch.arange(mask.shape[1], device=mask.device)
-    return (length * (mask > 0)).max(dim=1).values
-
-
 def integrated_gradients(
     vlm: VLM, inputs: Inputs, site: str, targets: Sequence[int], steps: int = 20
 ) -> torch.Tensor:
@@ -77,24 +58,21 @@ def _integrate(
     vlm: VLM, inputs: Inputs, site: str, targets: Sequence[int], steps: int
 ) -> torch.Tensor:
     batch = inputs.batch_size
-    last = last_positions(inputs).to(vlm.device)
-    rows = torch.arange(batch, device=vlm.device)
     with torch.no_grad(), capture(vlm, site) as cap:
         vlm.forward(inputs)
-    full = cap[site][rows, last].float()  # (batch, width)
+    full = cap[site][:, -1].float()  # (batch, width) at the last position (left padding)
     alphas = torch.arange(1, steps + 1, device=full.device, dtype=full.dtype) / steps
     scaled = (alphas.repeat_interleave(batch)[:, None] * full.repeat(steps, 1)).detach()
     leaf = scaled.requires_grad_(True)  # (steps * batch, width), step-major like Inputs.tile
-    at = (torch.arange(steps * batch, device=full.device), last.repeat(steps))
 
     def put(out: torch.Tensor) -> torch.Tensor:
         out = out.clone()
-        out[at] = leaf.to(out.dtype)
+        out[:, -1] = leaf.to(out.dtype)
         return out
 
     ids = torch.as_tensor(list(targets), device=full.device).repeat(steps)
     with torch.enable_grad(), patch(vlm, {site: put}):
-        logits = vlm.forward(inputs.tile(steps)).logits[at].float()
+        logits = vlm.forward(inputs.tile(steps)).logits[:, -1].float()
         probs = torch.softmax(logits, dim=-1).gather(1, ids[:, None])
         (grads,) = torch.autograd.grad(probs.sum(), leaf)
     return (full * grads.view(steps, batch, -1).mean(0)).detach()
@@ -197,7 +175,7 @@ class KnowledgeNeurons(Study):
         parts: dict[str, list[np.ndarray]] = defaultdict(list)
         for _, chunk in batches(items, self.batch_size):
             inputs = vlm.prepare([it.image for it in chunk], [it.prompt for it in chunk])
-            targets = [answer_token(vlm, it.answer) for it in chunk]
+            targets = [answer_id(vlm, it.answer) for it in chunk]
             for site in sites:
                 attr = integrated_gradients(vlm, inputs, site, targets, self.steps)
                 parts[site].append(attr.cpu().numpy())
