@@ -5,7 +5,12 @@ masks, plus templated questions, captions, POPE probes and concept labels, used 
 tiny vision-language models and to score explanations against ground truth.
 """
 
-from mmscope.world.concepts import image_concepts, patch_concepts, patch_objects
+from mmscope.world.concepts import (
+    concept_vocabulary,
+    image_concepts,
+    patch_concepts,
+    patch_objects,
+)
 from mmscope.world.dataset import WorldSample, export_dataset, load_dataset, make_samples
 from mmscope.world.pope import POPE_SPLITS, PopeQuestion, pope_questions
 from mmscope.world.questions import (
@@ -56,6 +61,7 @@ __all__ = [
     "decode_rle",
     "encode_rle",
     "export_dataset",
+    "concept_vocabulary",
     "image_concepts",
     "load_dataset",
     "make_samples",

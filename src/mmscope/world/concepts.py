@@ -5,9 +5,16 @@ from __future__ import annotations
 import numpy as np
 
 from mmscope.world.render import Rendered
-from mmscope.world.scene import Scene
+from mmscope.world.scene import COLORS, SHAPES, SIZES, STYLES, Scene
 
 BACKGROUND = "background"
+
+
+def concept_vocabulary() -> list[str]:
+    """Every concept ``image_concepts`` can name: colours, shapes, "color shape" names, sizes
+    and styles."""
+    names = [f"{c} {s}" for c in COLORS for s in SHAPES]
+    return [*COLORS, *SHAPES, *names, *SIZES, *STYLES]
 
 
 def image_concepts(scene: Scene) -> frozenset[str]:

@@ -1,5 +1,5 @@
-"""Shared pieces of the CLIP embedding studies (SpLiCE, TextSpan): the world's concepts,
-which texts a tokenizer can spell, and L2-normalised CLIP text and image embeddings."""
+"""Shared pieces of the CLIP embedding studies (SpLiCE, TextSpan, CLIP-Dissect): the concepts
+present in items, which texts a tokenizer can spell, L2-normalised text and image embeddings."""
 
 from __future__ import annotations
 
@@ -12,14 +12,6 @@ from mmscope.core.errors import InputError, NotApplicableError
 
 if TYPE_CHECKING:
     from mmscope.models.base import VLM
-
-
-def world_vocabulary() -> list[str]:
-    """The world's concepts: colours, shapes, ``"color shape"`` names, sizes, styles."""
-    from mmscope.world.scene import COLORS, SHAPES, SIZES, STYLES
-
-    names = [f"{c} {s}" for c in COLORS for s in SHAPES]
-    return [*COLORS, *SHAPES, *names, *SIZES, *STYLES]
 
 
 def present_concepts(

@@ -28,9 +28,9 @@ from mmscope.methods.embedding.clip_embed import (
     present_concepts,
     spelled,
     text_embeddings,
-    world_vocabulary,
 )
 from mmscope.methods.study import KIND, Study
+from mmscope.world import concept_vocabulary
 
 if TYPE_CHECKING:
     from mmscope.bench.items import BenchItem
@@ -181,7 +181,7 @@ class Splice(Study):
     Args:
         lam: the l1 penalty lambda (the paper's practical range is about 0.2-0.3).
         k: top concepts reported per image (and for precision@k).
-        vocabulary: the concepts (default: the world's, ``world_vocabulary``); concepts the
+        vocabulary: the concepts (default: the world's, ``world.concept_vocabulary``); concepts the
             tokenizer cannot spell are dropped (and listed in the result).
         template: the text embedded for a concept.
         batch_size: images per forward.
@@ -217,7 +217,7 @@ class Splice(Study):
         if len(items) < 2:
             raise InputError("splice centres image embeddings by their mean: give >= 2 items")
         truth = present_concepts(items, present)
-        wanted = list(dict.fromkeys(self.vocabulary or world_vocabulary()))
+        wanted = list(dict.fromkeys(self.vocabulary or concept_vocabulary()))
         concepts, dropped = spelled(vlm, [self.template.format(c) for c in wanted])
         keep = [c for c in wanted if self.template.format(c) in concepts]
         if len(keep) < 2:

@@ -30,10 +30,10 @@ from mmscope.methods.embedding.clip_embed import (
     present_concepts,
     spelled,
     text_embeddings,
-    world_vocabulary,
 )
 from mmscope.methods.embedding.textspan_decompose import Decomposition, decompose
 from mmscope.methods.study import KIND, Study
+from mmscope.world import concept_vocabulary
 
 if TYPE_CHECKING:
     from mmscope.bench.items import BenchItem
@@ -219,7 +219,7 @@ class TextSpan(Study):
             return spelled(vlm, dict.fromkeys(self.texts))[0]
         from mmscope.world import caption, make_samples
 
-        pool = [f"a {c}" for c in world_vocabulary()]
+        pool = [f"a {c}" for c in concept_vocabulary()]
         pool += [caption(s.scene) for s in make_samples(self.captions, seed=7)]
         return spelled(vlm, dict.fromkeys(pool))[0]
 

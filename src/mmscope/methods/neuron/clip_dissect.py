@@ -30,10 +30,11 @@ from mmscope.core.hooks import capture
 from mmscope.core.registry import register
 from mmscope.core.validate import number, positive_int
 from mmscope.methods.activations import batches, token_rows
+from mmscope.methods.embedding.clip_embed import spelled
 from mmscope.methods.neuron.concept_truth import item_scenes, kinds_summary
 from mmscope.methods.neuron.dissect import DissectionResult, default_sites
 from mmscope.methods.study import KIND, Study
-from mmscope.world import COLORS, SHAPES, STYLES, image_concepts
+from mmscope.world import concept_vocabulary, image_concepts
 
 if TYPE_CHECKING:
     from mmscope.bench.items import BenchItem
@@ -41,12 +42,6 @@ if TYPE_CHECKING:
     from mmscope.world import Scene
 
 POOLS = ("mean", "max", "class")
-
-
-def world_vocabulary() -> list[str]:
-    """The world's colours, shapes, "color shape" names and styles."""
-    names = [f"{c} {s}" for c in COLORS for s in SHAPES]
-    return [*COLORS, *SHAPES, *names, *STYLES]
 
 
 def soft_wpmi(
@@ -145,16 +140,8 @@ class ClipDissect(Study):
         self.batch_size = positive_int("batch_size", batch_size)
 
     def _vocabulary(self, vlm: VLM) -> list[str]:
-        words = list(self.concepts) or world_vocabulary()
-        unk = vlm.tokenizer.unk_token_id
-        kept = [
-            w
-            for w in words
-            if unk is None
-            or any(t != unk for t in vlm.tokenizer(w, add_special_tokens=False)["input_ids"])
-        ]
-        if len(kept) < len(words):
-            dropped = sorted(set(words) - set(kept))
+        kept, dropped = spelled(vlm, list(self.concepts) or concept_vocabulary())
+        if dropped:
             warnings.warn(f"{vlm.name}'s tokenizer cannot spell {dropped}; dropped", stacklevel=3)
         if len(kept) < 2:
             raise InputError(f"clip_dissect needs at least two concepts, has {kept}")
