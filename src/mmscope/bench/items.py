@@ -11,6 +11,7 @@ writes (every question of every image becomes an item).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,22 @@ def question_item(sample: WorldSample, q: Question) -> BenchItem:
     mask = np.any(sample.masks[list(q.evidence)], axis=0) if q.evidence else None
     truth = (sample.scene, sample.masks, tuple(q.evidence))
     return BenchItem(sample.image, q.text, q.answer, mask, q.type, *truth)
+
+
+def item_scenes(items: Sequence[BenchItem], scenes: Sequence[Scene] | None = None) -> list[Scene]:
+    """The world scene of each item: ``scenes`` when given, else the items' own
+    (``bench.world_items`` keep theirs); a user's items have none and raise ``InputError``."""
+    if scenes is not None:
+        if len(scenes) != len(items):
+            raise InputError(f"{len(scenes)} scenes for {len(items)} items")
+        return list(scenes)
+    own = [it.scene for it in items]
+    if any(s is None for s in own):
+        raise InputError(
+            "this study needs world items with known scenes (mmscope.bench.world_items, or "
+            "pass scenes=): a user's images carry no concept labels"
+        )
+    return own  # type: ignore[return-value]
 
 
 def answerability_items(n: int, seed: int = BENCH_SEED) -> list[BenchItem]:

@@ -1,7 +1,8 @@
 """The world's concept labels for the rows of ``Activations`` (probes, TCAV).
 
 A user's JSONL says nothing about colours, shapes or counts, so these studies take world
-items, which keep their scene (``bench.world_items``); ``scene_of`` refuses items without one.
+items, which keep their scene (``bench.world_items``); ``bench.item_scenes`` refuses items
+without one.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from mmscope.bench.items import BenchItem, item_scenes
 from mmscope.core.errors import InputError
 from mmscope.world import Scene, WorldObject, patch_objects
-from mmscope.world.render import Rendered
+from mmscope.world.render import Rendered, render
 
 #: Concepts a probe can read: an object's colour, shape and quadrant; the scene's object count.
 CONCEPTS: tuple[str, ...] = ("color", "shape", "count", "position")
@@ -21,15 +23,11 @@ CONCEPTS: tuple[str, ...] = ("color", "shape", "count", "position")
 ONE_OBJECT_QUESTIONS = frozenset({"color", "shape", "position"})
 
 
-def scene_of(item: Any) -> tuple[Scene, np.ndarray]:
-    """The item's scene and object masks; ``InputError`` for items without them."""
-    scene, masks = getattr(item, "scene", None), getattr(item, "objects", None)
-    if scene is None or masks is None:
-        raise InputError(
-            "this study needs world items with known scenes (mmscope.bench.world_items); "
-            "a user's items carry no concept labels"
-        )
-    return scene, masks
+def object_masks(item: BenchItem, scene: Scene) -> np.ndarray:
+    """The item's object masks (rendered from its scene where the item has none)."""
+    if item.objects is not None:
+        return item.objects
+    return render(scene, item.image.size[0]).masks
 
 
 def object_label(obj: WorldObject, concept: str) -> str:
@@ -42,8 +40,8 @@ def patch_object_ids(
 ) -> list[np.ndarray]:
     """Per item, the object index of each patch of its grid (row-major), -1 for background."""
     out = []
-    for item, grid in zip(items, grids):
-        _, masks = scene_of(item)
+    for item, scene, grid in zip(items, item_scenes(items), grids):
+        masks = object_masks(item, scene)
         out.append(patch_objects(Rendered(item.image, masks), grid, min_cover).ravel())
     return out
 
@@ -71,11 +69,11 @@ def row_labels(
     if concept not in CONCEPTS:
         raise InputError(f"concept {concept!r} is not one of {CONCEPTS}")
     ids = patch_object_ids(items, grids, min_cover)
+    scenes = item_scenes(items)
     n = len(item)
     labels, kinds, types = (np.full(n, "", dtype=object) for _ in range(3))
     for r in range(n):
-        it = items[int(item[r])]
-        scene, _ = scene_of(it)
+        it, scene = items[int(item[r])], scenes[int(item[r])]
         if group[r] == "image":
             obj = int(ids[int(item[r])][int(patch[r])])
             if obj >= 0 and concept != "count":

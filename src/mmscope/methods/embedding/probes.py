@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mmscope.bench.items import item_scenes
 from mmscope.core.errors import InputError
 from mmscope.core.registry import register
 from mmscope.core.validate import integer, number, positive_int, valid_seed
 from mmscope.methods.activations import collect
 from mmscope.methods.analysis import Result, jsonable, new_figure
 from mmscope.methods.analysis import stack as default_stack
-from mmscope.methods.embedding.concepts import CONCEPTS, row_labels, scene_of
+from mmscope.methods.embedding.concepts import CONCEPTS, row_labels
 from mmscope.methods.study import KIND, Study
 
 if TYPE_CHECKING:
@@ -231,8 +232,7 @@ class Probe(Study):
         self.batch_size = positive_int("batch_size", batch_size)
 
     def __call__(self, vlm: VLM, items: Sequence[BenchItem]) -> ProbeResult:
-        for it in items:
-            scene_of(it)
+        item_scenes(items)  # world items only: a user's carry no concept labels
         stack = self.stack or default_stack(vlm)
         n = vlm.num_layers(stack)
         layers = tuple(i % n for i in self.layers) if self.layers else tuple(range(n))

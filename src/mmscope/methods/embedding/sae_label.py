@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mmscope.bench.items import item_scenes
 from mmscope.core.errors import InputError
 from mmscope.core.registry import register
 from mmscope.core.validate import number, positive_int
 from mmscope.methods.activations import collect
 from mmscope.methods.embedding.sae import SAEResult
-from mmscope.methods.neuron.concept_truth import item_scenes, patch_concept_matrix
+from mmscope.methods.neuron.concept_truth import patch_concept_matrix
 from mmscope.methods.neuron.dissect import (
     COLUMNS,
     DissectionResult,

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from mmscope.bench.items import item_scenes
 from mmscope.core.errors import InputError
 from mmscope.core.hooks import patch
 from mmscope.core.registry import register
@@ -33,7 +34,6 @@ from mmscope.core.validate import integer, number, positive_int, valid_seed
 from mmscope.methods.activations import batches, collect, token_rows
 from mmscope.methods.analysis import Result, jsonable, new_figure
 from mmscope.methods.analysis import stack as default_stack
-from mmscope.methods.embedding.concepts import scene_of
 from mmscope.methods.study import KIND, Study
 from mmscope.world import image_concepts
 
@@ -269,7 +269,7 @@ class TCAV(Study):
         return chosen, [token_id(vlm, w) for w in words]
 
     def __call__(self, vlm: VLM, items: Sequence[BenchItem]) -> TCAVResult:
-        holds = np.array([self.concept in image_concepts(scene_of(it)[0]) for it in items])
+        holds = np.array([self.concept in image_concepts(s) for s in item_scenes(items)])
         k = min(self.examples, int(holds.sum()), int((~holds).sum()) // 2)
         if k < 2:
             raise InputError(

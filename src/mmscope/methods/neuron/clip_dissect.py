@@ -25,13 +25,14 @@ import numpy as np
 import torch
 from scipy.special import logsumexp, softmax
 
+from mmscope.bench.items import item_scenes
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import capture
 from mmscope.core.registry import register
 from mmscope.core.validate import number, positive_int
 from mmscope.methods.activations import batches, token_rows
 from mmscope.methods.embedding.clip_embed import spelled
-from mmscope.methods.neuron.concept_truth import item_scenes, kinds_summary
+from mmscope.methods.neuron.concept_truth import kinds_summary
 from mmscope.methods.neuron.dissect import DissectionResult, default_sites
 from mmscope.methods.study import KIND, Study
 from mmscope.world import concept_vocabulary, image_concepts

@@ -18,22 +18,6 @@ if TYPE_CHECKING:
     from mmscope.world import Scene
 
 
-def item_scenes(items: Sequence[BenchItem], scenes: Sequence[Scene] | None = None) -> list[Scene]:
-    """The world scene of each item: ``scenes`` when given, else the items' own
-    (``bench.world_items`` keep theirs); a user's items have none and raise ``InputError``."""
-    if scenes is not None:
-        if len(scenes) != len(items):
-            raise InputError(f"{len(scenes)} scenes for {len(items)} items")
-        return list(scenes)
-    own = [it.scene for it in items]
-    if any(s is None for s in own):
-        raise InputError(
-            "these items carry no world scene (use mmscope.bench.world_items, or pass scenes=): "
-            "a user's images have no concept labels"
-        )
-    return own  # type: ignore[return-value]
-
-
 def patch_concept_matrix(
     acts: Activations,
     items: Sequence[BenchItem],

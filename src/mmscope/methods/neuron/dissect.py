@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy.stats import hypergeom
 
+from mmscope.bench.items import item_scenes
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.registry import register
 from mmscope.core.validate import number, positive_int
 from mmscope.methods.activations import Activations, collect
 from mmscope.methods.analysis import new_figure
 from mmscope.methods.neuron.base import NeuronSet
-from mmscope.methods.neuron.concept_truth import item_scenes, kinds_summary, patch_concept_matrix
+from mmscope.methods.neuron.concept_truth import kinds_summary, patch_concept_matrix
 from mmscope.methods.study import KIND, Study
 
 if TYPE_CHECKING:
