@@ -10,30 +10,35 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-@pytest.fixture(scope="session")
-def tiny_llava():
-    from mmscope.models.tiny import tiny_llava
+def _available() -> list[str]:
+    """Tiny models whose builder module exists (families being added appear as they land)."""
+    import importlib.util
 
-    return tiny_llava()
+    from mmscope.models.tiny import TINY
 
-
-@pytest.fixture(scope="session")
-def tiny_clip():
-    from mmscope.models.tiny import tiny_clip
-
-    return tiny_clip()
+    return [n for n, ref in TINY.items() if importlib.util.find_spec(ref.split(":")[0])]
 
 
-@pytest.fixture(scope="session")
-def tiny_qwen2_vl():
-    from mmscope.models.tiny import tiny_qwen2_vl
-
-    return tiny_qwen2_vl()
+TINY_NAMES = _available()
 
 
-@pytest.fixture(params=["tiny_llava", "tiny_clip", "tiny_qwen2_vl"])
+def _tiny_fixture(name: str):
+    @pytest.fixture(scope="session", name=name)
+    def build():
+        from mmscope.models.tiny import build_tiny
+
+        return build_tiny(name)
+
+    return build
+
+
+for _name in TINY_NAMES:
+    globals()[_name] = _tiny_fixture(_name)
+
+
+@pytest.fixture(params=TINY_NAMES)
 def any_vlm(request):
-    """Each supported architecture in turn."""
+    """Each supported architecture in turn (every entry of ``mmscope.models.tiny.TINY``)."""
     return request.getfixturevalue(request.param)
 
 

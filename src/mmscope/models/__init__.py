@@ -1,7 +1,24 @@
 """Model adapters (one per Hugging Face architecture family) and loading."""
 
-from mmscope.models import clip, llava, qwen2_vl  # noqa: F401  (register the adapters)
+import importlib
+import importlib.util
+
 from mmscope.models.base import VLM, parse_site
 from mmscope.models.loading import TOYS, load, supported_classes, toy_path
 
-__all__ = ["VLM", "TOYS", "load", "parse_site", "supported_classes", "toy_path"]
+#: The adapter modules; importing one registers its adapter under its HF classes.
+ADAPTERS = (
+    "llava",
+    "clip",
+    "qwen2_vl",
+    "siglip",
+    "paligemma",
+    "gemma3",
+    "qwen2_5_vl",
+    "qwen3_vl",
+)
+for _module in ADAPTERS:
+    if importlib.util.find_spec(f"mmscope.models.{_module}"):  # TODO(before commit): drop guard
+        importlib.import_module(f"mmscope.models.{_module}")
+
+__all__ = ["ADAPTERS", "VLM", "TOYS", "load", "parse_site", "supported_classes", "toy_path"]
