@@ -196,10 +196,18 @@ def _methods(args: argparse.Namespace) -> int:
     from mmscope.core.registry import REGISTRY
     from mmscope.core.taxonomy import tree
 
-    methods = [
-        (e.level, e.key, e.family, e.paper) for e in REGISTRY.entries() if e.kind != "adapter"
-    ]
-    print("\n".join(tree(methods)))
+    entries = [e for e in REGISTRY.entries() if e.kind != "adapter"]
+    methods = [(e.level, e.key, e.family, e.paper) for e in entries]
+    notes: dict[str, str] = {}
+    if args.model:
+        from mmscope.models import load
+        from mmscope.models.capabilities import applicability
+
+        vlm = load(args.model)
+        notes = {e.key: f"does not apply: {why}" for e, why in applicability(vlm, entries) if why}
+        caps = ", ".join(f"{k}={v}" for k, v in vlm.capabilities.to_dict().items())
+        print(f"{vlm.name} ({vlm.family}): {caps}\n")
+    print("\n".join(tree(methods, notes)))
     adapters = sorted(c for e in REGISTRY.entries("adapter") for c in e.extra["hf_classes"])
     print("\nmodel adapters: " + ", ".join(adapters))
     return 0
@@ -289,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_study_commands(sub)
 
     methods = sub.add_parser("methods", help="list every registered method by survey level")
+    methods.add_argument(
+        "--model", help="a loaded model: mark the entries that do not apply to it, and why"
+    )
     methods.set_defaults(handler=_methods)
 
     demo = sub.add_parser("demo", help="run the main job on a toy model and write a report")

@@ -20,9 +20,12 @@ SURVEY: dict[str, tuple[str, ...]] = {
 LEVELS: tuple[str, ...] = tuple(level for levels in SURVEY.values() for level in levels)
 
 
-def tree(entries: list[tuple[str, str, str, str]]) -> list[str]:
-    """Lines of the survey tree with ``(level, key, family, paper)`` entries under their level."""
-    lines = []
+def tree(
+    entries: list[tuple[str, str, str, str]], notes: dict[str, str] | None = None
+) -> list[str]:
+    """Lines of the survey tree with ``(level, key, family, paper)`` entries under their level;
+    ``notes`` adds a line under an entry (why it does not apply to a model)."""
+    lines, notes = [], notes or {}
     for perspective, levels in SURVEY.items():
         lines.append(perspective)
         for level in levels:
@@ -30,4 +33,6 @@ def tree(entries: list[tuple[str, str, str, str]]) -> list[str]:
             lines.append(f"  {level.split('/')[1]}" + ("" if mine else "  (nothing yet)"))
             for _, key, family, paper in mine:
                 lines.append(f"    {key:<28} {family:<24} {paper}")
+                if key in notes:
+                    lines.append(f"      {notes[key]}")
     return lines

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mmscope.core.errors import NotApplicableError
 from mmscope.core.registry import REGISTRY
+from mmscope.models.capabilities import require_entry
 
 if TYPE_CHECKING:
     from mmscope.core.inputs import Inputs
@@ -35,8 +35,7 @@ class Decoder:
 
     def __call__(self, vlm: VLM, inputs: Inputs, max_new_tokens: int = 24) -> list[str]:
         """The continuation of each batch item, decoded without special tokens."""
-        if vlm.contrastive or not hasattr(vlm, "generate"):
-            raise NotApplicableError(f"{vlm.name} is a contrastive encoder; it generates no text")
+        require_entry(vlm, self, KIND)
         with torch.no_grad():
             new = self.decode(vlm, inputs.to(vlm.device), max_new_tokens)
         texts = vlm.tokenizer.batch_decode(new, skip_special_tokens=True)

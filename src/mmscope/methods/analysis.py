@@ -30,6 +30,7 @@ from mmscope.core.targets import (
     default_target,
     token_id,
 )
+from mmscope.models.capabilities import checks_needs
 
 if TYPE_CHECKING:
     from mmscope.core.inputs import Inputs
@@ -41,6 +42,11 @@ KIND = "analysis"
 class Analysis:
     """Base of analyses: subclasses set their settings in ``__init__`` and implement
     ``__call__``. Nothing is cached on ``self``; the model is left as it was found."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__call__" in cls.__dict__:  # what the entry needs is checked before any work
+            cls.__call__ = checks_needs(cls.__dict__["__call__"], KIND)  # type: ignore[method-assign]
 
     def __call__(self, vlm: VLM, inputs: Inputs, target: Target | None = None) -> Any:
         raise NotImplementedError

@@ -20,6 +20,7 @@ import numpy as np
 
 from mmscope.core.errors import InputError
 from mmscope.core.registry import REGISTRY
+from mmscope.models.capabilities import checks_needs
 
 if TYPE_CHECKING:
     from mmscope.bench.items import BenchItem
@@ -31,6 +32,11 @@ KIND = "study"
 class Study:
     """Base of studies: settings in ``__init__``, data in ``__call__``; nothing cached on
     ``self``; the model is left as it was found."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__call__" in cls.__dict__:  # what the entry needs is checked before any work
+            cls.__call__ = checks_needs(cls.__dict__["__call__"], KIND)  # type: ignore[method-assign]
 
     def __call__(self, vlm: VLM, items: Sequence[BenchItem]) -> Any:
         raise NotImplementedError

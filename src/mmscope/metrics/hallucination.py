@@ -20,6 +20,7 @@ import numpy as np
 from mmscope.core.errors import InputError
 from mmscope.core.registry import register
 from mmscope.metrics.base import LEVEL, bootstrap_ci, bootstrap_interval
+from mmscope.models.capabilities import require
 from mmscope.toys.evaluate import EVAL_SEED
 from mmscope.world import DESCRIBE_PROMPT, pope_questions, render, sample_scenes
 from mmscope.world.captions import caption_objects
@@ -178,10 +179,7 @@ class HallucinationResult:
 
 
 def _answerer(vlm: VLM, metric: str) -> None:
-    if getattr(vlm, "contrastive", False) or not hasattr(vlm, "generate"):
-        raise InputError(
-            f"{metric} needs a model that generates text; {vlm.name} is a contrastive encoder"
-        )
+    require(vlm, ("generates",), metric)
 
 
 def _generate(
@@ -203,7 +201,14 @@ def _generate(
     return out
 
 
-@register("pope", kind="metric", family="metric/hallucination", paper="Li et al. 2023", level=LEVEL)
+@register(
+    "pope",
+    kind="metric",
+    family="metric/hallucination",
+    paper="Li et al. 2023",
+    level=LEVEL,
+    needs=("generates",),
+)
 class Pope:
     """POPE: yes/no existence probes, half about absent objects (random, popular, or
     co-occurring "adversarial" ones); headline F1 of "yes". Answers come from a registered
@@ -279,7 +284,12 @@ class Pope:
 
 
 @register(
-    "chair", kind="metric", family="metric/hallucination", paper="Rohrbach et al. 2018", level=LEVEL
+    "chair",
+    kind="metric",
+    family="metric/hallucination",
+    paper="Rohrbach et al. 2018",
+    level=LEVEL,
+    needs=("generates",),
 )
 class Chair:
     """CHAIR on captions of held-out world scenes (the world's describe prompt), decoded by a

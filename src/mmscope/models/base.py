@@ -18,6 +18,7 @@ from PIL import Image
 from mmscope.core.errors import InputError, SiteError
 from mmscope.core.images import ImageLike, load_images
 from mmscope.core.inputs import ImageSpan, Inputs
+from mmscope.models.capabilities import Capabilities
 
 _SITE = re.compile(r"\[(-?\d+)\]")
 
@@ -46,6 +47,12 @@ class VLM:
     LAYER_LISTS: ClassVar[dict[str, str]] = {}
     #: Roles whose module returns a tuple: index of the main tensor and of attention weights.
     ATTENTION_ROLES: ClassVar[tuple[str, ...]] = ("lm.layer.attn", "vision.layer.attn")
+    #: True for models that continue a prompt with text.
+    GENERATES: ClassVar[bool] = False
+    #: True when the vision tower's sequence starts with a class token (CLIP-style ViTs).
+    CLASS_TOKEN: ClassVar[bool] = False
+    #: Where image tokens meet the text: "sequence", "cross_attention" or "none".
+    IMAGES_IN: ClassVar[str] = "sequence"
 
     def __init__(self, model: Any, processor: Any, name: str = "") -> None:
         self.model: Any = model  # a transformers PreTrainedModel
@@ -59,6 +66,20 @@ class VLM:
 
         return transformers.AutoProcessor.from_pretrained(
             source, trust_remote_code=trust_remote_code
+        )
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this model can do, from the adapter's declarations (checked by ``require``)."""
+        stacks = tuple(
+            r.removesuffix(".attn") for r in self.ATTENTION_ROLES if r in self.ROLES
+        )
+        return Capabilities(
+            generates=self.GENERATES,
+            contrastive=self.contrastive,
+            images_in=self.IMAGES_IN,
+            attention=stacks,
+            class_token=self.CLASS_TOKEN,
         )
 
     # ----- roles -------------------------------------------------------------------------

@@ -25,6 +25,8 @@ class ClipVLM(VLM):
 
     family = "clip"
     contrastive = True
+    CLASS_TOKEN = True
+    IMAGES_IN = "none"
     IMAGE_TOKENS_SITE = "vision.embed"
     TEXT_EMBED_SITE = "text.embed"
     #: The last block's patch outputs never reach the pooled class token (pytorch-grad-cam

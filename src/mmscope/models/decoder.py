@@ -20,6 +20,8 @@ class DecoderVLM(VLM):
     """Base of decoder adapters. Subclasses give ``image_token_id``, ``_grids``, ``_crop``,
     ``_template``, ``_placeholder`` and ``_process``."""
 
+    GENERATES = True
+
     def __init__(self, model: Any, processor: Any, name: str = "") -> None:
         super().__init__(model, processor, name)
         tok = self.tokenizer

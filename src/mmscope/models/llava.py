@@ -20,6 +20,7 @@ class LlavaVLM(DecoderVLM):
     """Adapter for ``LlavaForConditionalGeneration`` (Liu et al. 2023, LLaVA-1.5)."""
 
     family = "llava"
+    CLASS_TOKEN = True  # CLIP's tower (the projector drops it with the "default" strategy)
     LAYER_LISTS = {"vision.layer": _V, "lm.layer": _L}
     ROLES = {
         "vision.embed": "model.vision_tower.embeddings",

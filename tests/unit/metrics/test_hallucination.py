@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmscope.core.errors import InputError
+from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.registry import REGISTRY
 from mmscope.metrics.hallucination import (
     Chair,
@@ -147,7 +147,7 @@ def test_pope_runs_user_probes_and_refuses_clip(tiny_llava, tiny_clip, tmp_path)
     )
     result = Pope()(tiny_llava, load_pope_jsonl(path))
     assert result.scores["n"] == 2 and result.settings["split"] == "data"
-    with pytest.raises(InputError, match="contrastive"):
+    with pytest.raises(NotApplicableError, match="contrastive"):
         Pope(n_images=1)(tiny_clip)
 
 

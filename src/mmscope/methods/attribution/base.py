@@ -19,6 +19,7 @@ from mmscope.core.inputs import Inputs
 from mmscope.core.registry import REGISTRY
 from mmscope.core.state import preserved
 from mmscope.core.targets import BoundTarget, Target, default_target
+from mmscope.models.capabilities import require_entry
 
 if TYPE_CHECKING:
     from mmscope.models.base import VLM
@@ -38,6 +39,7 @@ class Attribution:
 
     def __call__(self, vlm: VLM, inputs: Inputs, target: Target | None = None) -> Explanation:
         """Explain ``target`` (default: the model's own next token, or CLIP's similarity)."""
+        require_entry(vlm, self, "method")
         target = target or default_target(vlm)
         with preserved(vlm.model):
             bound = target.bind(vlm, inputs)

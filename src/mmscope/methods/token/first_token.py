@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from mmscope.core.errors import InputError, NotApplicableError
+from mmscope.core.errors import InputError
 from mmscope.core.registry import register
 from mmscope.core.targets import Predicted, Target
 from mmscope.core.validate import integer, number, valid_seed
 from mmscope.methods.analysis import Analysis, Result, jsonable, new_figure
+from mmscope.models.capabilities import require
 
 if TYPE_CHECKING:
     from mmscope.core.inputs import Inputs
@@ -34,11 +35,7 @@ CLASSES: tuple[str, str] = ("answerable", "unanswerable")
 @torch.no_grad()
 def first_token_logprobs(vlm: VLM, inputs: Inputs) -> torch.Tensor:
     """``(batch, vocab)`` log-softmax of the logits at the last position (float32, CPU)."""
-    if vlm.contrastive:
-        raise NotApplicableError(
-            f"{vlm.name} is a contrastive encoder: it generates no answer, so there is no "
-            "first answer token to analyse"
-        )
+    require(vlm, ("generates",), "the first-token analysis")
     out = vlm.forward(inputs)
     logits = out.logits if hasattr(out, "logits") else out[0]
     return torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()
@@ -135,6 +132,7 @@ class FirstTokenResult(Result):
     family="inside/first-token",
     paper="Zhao et al. 2024",
     level="model/token",
+    needs=("generates",),
 )
 class FirstToken(Analysis):
     """First answer token's distribution and a linear probe for answerability (Zhao et al. 2024).

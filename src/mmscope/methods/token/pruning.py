@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from mmscope.core.errors import InputError, NotApplicableError
+from mmscope.core.errors import InputError
 from mmscope.core.hooks import capture, mask_attention
 from mmscope.core.registry import register
 from mmscope.core.targets import Predicted, Target
@@ -190,7 +190,14 @@ class PruningResult(Result):
         return fig
 
 
-@register("fastv", kind="analysis", family="inside/pruning", paper=PAPER, level="model/token")
+@register(
+    "fastv",
+    kind="analysis",
+    family="inside/pruning",
+    paper=PAPER,
+    level="model/token",
+    needs=("generates", "lm_attention"),
+)
 class FastV(Analysis):
     """Accuracy as a function of the pruning layer K and pruned fraction R (Chen et al. 2024).
 
@@ -228,11 +235,6 @@ class FastV(Analysis):
         self.batch_size = positive_int("batch_size", batch_size)
 
     def __call__(self, vlm: VLM, inputs: Inputs, target: Target | None = None) -> PruningResult:
-        if vlm.contrastive:
-            raise NotApplicableError(
-                f"{vlm.name} is a contrastive encoder: it answers no questions, so there is no "
-                "accuracy to prune against (FastV prunes a decoder's image tokens)"
-            )
         num_layers = vlm.num_layers("lm.layer")
         if any(k >= num_layers for k in self.layers):
             raise InputError(f"layers must lie in 1..{num_layers - 1} for {vlm.name}")
