@@ -72,8 +72,70 @@ class Capture(Mapping[str, torch.Tensor]):
         return grads[-1]  # type: ignore[return-value]
 
 
-def _needs_eager(sites: Sequence[str]) -> bool:
-    return any(site.endswith(".probs") for site in sites)
+def _attention_module(vlm: VLM, site: str) -> torch.nn.Module:
+    """The attention module whose probabilities a ``.probs`` site reads."""
+    return vlm.resolve(site.removesuffix(".probs"))
+
+
+def additive_mask(
+    module: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, causal: bool
+) -> torch.Tensor:
+    """The attention mask an eager attention adds to its scores: ``(batch, 1, T, T)`` floats,
+    from the boolean or missing mask that another implementation (SDPA) was given (a missing
+    one means only causality, when ``causal``)."""
+    batch, length = hidden.shape[0], hidden.shape[1]
+    low = torch.finfo(hidden.dtype).min
+    if mask is None:
+        mask = torch.zeros(batch, 1, length, length, dtype=hidden.dtype, device=hidden.device)
+        if causal:
+            future = torch.ones(length, length, dtype=torch.bool, device=hidden.device).triu(1)
+            mask = mask.masked_fill(future, low)
+        return mask
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(
+            ~mask, low
+        )
+    return mask
+
+
+def _eager_call(
+    module: torch.nn.Module, args: Any, kwargs: dict[str, Any]
+) -> tuple[Any, dict[str, Any]]:
+    """Switch ``module`` alone to eager attention for this call, with the mask eager expects."""
+    config: Any = module.config
+    before = config._attn_implementation
+    module._mmscope_attn_before = before  # type: ignore[union-attr]
+    if before == "eager":
+        return args, kwargs
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if hidden is None:
+        raise SiteError("reading attention probabilities needs the attention's input")
+    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+    mask = additive_mask(module, hidden, kwargs.get("attention_mask"), causal)
+    config._attn_implementation_internal = "eager"
+    return args, {**kwargs, "attention_mask": mask}
+
+
+def _restore_call(module: torch.nn.Module, args: Any, output: Any) -> None:
+    before = module.__dict__.pop("_mmscope_attn_before", None)
+    if before is not None:
+        config: Any = module.config
+        config._attn_implementation_internal = before
+
+
+@contextmanager
+def eager_attention(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Eager attention (which returns probabilities) at these attention modules only, the rest
+    of the model as it is: attention probabilities cost memory only where they are read."""
+    with ExitStack() as stack:
+        for module in dict.fromkeys(modules):
+            if getattr(module, "config", None) is None:  # not a transformers attention
+                continue
+            pre = module.register_forward_pre_hook(_eager_call, with_kwargs=True, prepend=True)
+            stack.callback(pre.remove)
+            post = module.register_forward_hook(_restore_call, always_call=True)
+            stack.callback(post.remove)
+        yield
 
 
 def _reads_input(site: str) -> bool:
@@ -92,8 +154,8 @@ def _hooks(
     must see a patched output)."""
     modules = [(site, vlm.resolve(site)) for site in sites]  # resolve all before adding any
     with ExitStack() as stack:
-        if _needs_eager(sites):
-            stack.enter_context(vlm.attention("eager"))
+        probs = [_attention_module(vlm, site) for site in sites if site.endswith(".probs")]
+        stack.enter_context(eager_attention(probs))
         for site, module in modules:
             if _reads_input(site):
                 handle = module.register_forward_pre_hook(make(site), prepend=prepend)
@@ -210,20 +272,8 @@ def mask_attention(vlm: VLM, blocked: Mapping[str, torch.Tensor]) -> Iterator[No
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             if hidden is None:
                 raise SiteError("mask_attention needs an attention module called with its input")
-            batch, length = hidden.shape[0], hidden.shape[1]
-            mask = kwargs.get("attention_mask")
-            if mask is None:  # no padding: only causality (decoders) to keep
-                mask = torch.zeros(
-                    batch, 1, length, length, dtype=hidden.dtype, device=hidden.device
-                )
-                if getattr(module, "is_causal", False):
-                    future = torch.ones(length, length, dtype=torch.bool, device=hidden.device)
-                    future = future.triu(1)
-                    mask = mask.masked_fill(future, torch.finfo(hidden.dtype).min)
-            elif mask.dtype == torch.bool:
-                mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(
-                    ~mask, torch.finfo(hidden.dtype).min
-                )
+            causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+            mask = additive_mask(module, hidden, kwargs.get("attention_mask"), causal)
             cut = block.to(mask.device)
             cut = cut.view(-1, 1, *cut.shape[-2:])[..., : mask.shape[-2], : mask.shape[-1]]
             low = torch.tensor(torch.finfo(mask.dtype).min, dtype=mask.dtype, device=mask.device)
@@ -233,7 +283,7 @@ def mask_attention(vlm: VLM, blocked: Mapping[str, torch.Tensor]) -> Iterator[No
         return hook
 
     with ExitStack() as stack:
-        stack.enter_context(vlm.attention("eager"))
+        stack.enter_context(eager_attention([module for module, _ in modules]))
         for module, block in modules:
             handle = module.register_forward_pre_hook(make(block), with_kwargs=True)
             stack.callback(handle.remove)

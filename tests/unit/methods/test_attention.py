@@ -59,10 +59,11 @@ def test_raw_attention_one_layer_and_head_is_the_captured_entries(tiny_llava, im
     for layer, head in [(1, 1), (-1, -1), (0, 0)]:
         e = RawAttention(layer=layer, head=head)(vlm, inputs, Predicted())
         a = probs[layer][0, head, q]
-        assert torch.equal(
+        # the layers not read run SDPA: equal to the all-eager capture up to rounding
+        torch.testing.assert_close(
             torch.from_numpy(e.image_scores[0][0][0]), a[span.start : span.end].reshape(span.grid)
         )
-        assert torch.equal(torch.from_numpy(e.text_scores[0][0]), a[p0:p1])
+        torch.testing.assert_close(torch.from_numpy(e.text_scores[0][0]), a[p0:p1])
         assert e.extras["total"][0][0] == pytest.approx(1.0, abs=1e-5)  # a softmax row
     e = RawAttention(layer="mean", head="mean")(vlm, inputs)
     mean = torch.stack(probs).mean((0, 2))[0, q]
@@ -77,10 +78,11 @@ def test_raw_attention_clip_reads_class_token_and_end_of_text(tiny_clip, images)
     vision, text = _probs(vlm, inputs, "vision.layer"), _probs(vlm, inputs, "text.layer")
     e = RawAttention(layer=1, head=0)(vlm, inputs)
     expect = vision[1][0, 0, 0, 1:].reshape(4, 4)
-    assert torch.equal(torch.from_numpy(e.image_scores[0][0][0]), expect)
+    # layer 0 runs SDPA when only layer 1 is read: equal up to rounding
+    torch.testing.assert_close(torch.from_numpy(e.image_scores[0][0][0]), expect)
     eot = int(_last_real(inputs.attention_mask)[0])
     p0, p1 = inputs.prompt_spans[0]
-    assert torch.equal(torch.from_numpy(e.text_scores[0][0]), text[1][0, 0, eot, p0:p1])
+    torch.testing.assert_close(torch.from_numpy(e.text_scores[0][0]), text[1][0, 0, eot, p0:p1])
 
 
 def _numpy_rollout(probs, fusion="mean", start=0):

@@ -67,10 +67,11 @@ def test_masked_forward_equals_dropping_the_tokens(tiny_llava, scene_image):
 
 
 def test_nothing_pruned_is_the_plain_forward(tiny_llava, pair):
-    with torch.no_grad(), capture(tiny_llava, "lm.layer[0].attn.probs"):  # eager, as pass 1
+    with torch.no_grad():
         plain = tiny_llava.forward(pair).logits[:, -1].float()
     got = masked_logits(tiny_llava, pair, [(1, [[], []])])[0]
-    assert torch.equal(got, plain)
+    # the masked layers run eager attention, the others as loaded: equal up to rounding
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-6)
 
 
 def test_batched_settings_equal_one_item_one_setting_at_a_time(tiny_llava, pair, scene_image):
