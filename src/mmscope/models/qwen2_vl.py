@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import Qwen2VLProcessor
+from transformers import ProcessorMixin, Qwen2VLProcessor
 
 from mmscope.core.errors import InputError
 from mmscope.core.inputs import Inputs
@@ -40,16 +40,17 @@ _V = "model.visual.blocks"
 _L = "model.language_model.layers"
 
 
-class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-    """``Qwen2VLProcessor`` without its video processor, for machines without torchvision.
+class ImageOnlyProcessor(ProcessorMixin):
+    """Mixin that drops the video processor of a Qwen-style processor, for machines without
+    torchvision: ``class ImageOnlyX(ImageOnlyProcessor, XProcessor)``.
 
-    Transformers' Qwen2-VL video processor needs torchvision, and without torchvision the
+    Transformers' Qwen-VL video processors need torchvision, and without torchvision the
     processor's type check of a ``video_processor`` argument (``None`` included) raises, as does
-    ``AutoProcessor.from_pretrained`` on a Qwen2-VL folder. A processor's parts are the
-    parameters of its ``__init__``, so leaving ``video_processor`` out of it gives an image and
-    text processor that behaves exactly like ``Qwen2VLProcessor`` on images (its
-    ``from_pretrained`` loads ``Qwen2VLImageProcessorPil`` and the tokenizer). It saves itself
-    as a plain ``Qwen2VLProcessor``.
+    ``AutoProcessor.from_pretrained`` on such a folder. A processor's parts are the parameters
+    of its ``__init__``, so leaving ``video_processor`` out of it gives an image and text
+    processor that behaves exactly like ``XProcessor`` on images (its ``from_pretrained`` loads
+    the saved image processor, ``Qwen2VLImageProcessorPil``, and the tokenizer). It saves itself
+    as a plain ``XProcessor``.
     """
 
     def __init__(
@@ -62,7 +63,16 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kw)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "processor_class": "Qwen2VLProcessor"}
+        stock = next(
+            c
+            for c in type(self).__mro__
+            if issubclass(c, ProcessorMixin) and not issubclass(c, ImageOnlyProcessor)
+        )
+        return {**super().to_dict(), "processor_class": stock.__name__}
+
+
+class ImageOnlyQwen2VLProcessor(ImageOnlyProcessor, Qwen2VLProcessor):
+    """``Qwen2VLProcessor`` without its video processor (see ``ImageOnlyProcessor``)."""
 
 
 @register("qwen2_vl", kind="adapter", hf_classes=("Qwen2VLForConditionalGeneration",))

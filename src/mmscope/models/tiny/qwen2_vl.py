@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+from transformers import (
+    ProcessorMixin,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+)
 
 from mmscope.models.qwen2_vl import ImageOnlyQwen2VLProcessor, Qwen2VLVLM
 from mmscope.toys.tokenizer import build_tokenizer
@@ -43,9 +50,13 @@ CHAT_TEMPLATE = (
 
 
 def tiny_processor(
-    min_pixels: int = FACTOR * FACTOR, max_pixels: int = 16 * FACTOR * FACTOR
-) -> ImageOnlyQwen2VLProcessor:
-    """Word-level tokenizer + ``Qwen2VLImageProcessorPil`` with a small pixel budget.
+    min_pixels: int = FACTOR * FACTOR,
+    max_pixels: int = 16 * FACTOR * FACTOR,
+    patch_size: int = PATCH_SIZE,
+    processor_class: type[ProcessorMixin] = ImageOnlyQwen2VLProcessor,
+) -> Any:
+    """Word-level tokenizer + ``Qwen2VLImageProcessorPil`` with a small pixel budget, in
+    ``processor_class`` (Qwen2.5-VL and Qwen3-VL pass their image-only processors).
 
     With the defaults a 56x84 (w x h) image keeps its size: grid_thw (1, 6, 4), merged 3x2.
     """
@@ -53,11 +64,11 @@ def tiny_processor(
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=min_pixels,
         max_pixels=max_pixels,
-        patch_size=PATCH_SIZE,
+        patch_size=patch_size,
         merge_size=MERGE_SIZE,
         temporal_patch_size=2,
     )
-    return ImageOnlyQwen2VLProcessor(
+    return processor_class(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
     )
 
