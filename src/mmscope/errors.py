@@ -1,6 +1,7 @@
 """The typed errors mmscope raises (``mmscope.errors.InputError``, ...)."""
 
 from mmscope.core.errors import (
+    ChatTemplateError,
     ImageError,
     ImageTooLargeError,
     InputError,
@@ -15,6 +16,7 @@ from mmscope.core.errors import (
 )
 
 __all__ = [
+    "ChatTemplateError",
     "ImageError",
     "ImageTooLargeError",
     "InputError",

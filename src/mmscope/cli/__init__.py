@@ -6,15 +6,22 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+from mmscope.cli.args import Parser, count, fail, one_line, out_folder, seed
+from mmscope.cli.bench import add_bench_command, add_demo_command
 from mmscope.cli.evaluate import add_commands as add_eval_commands
 from mmscope.cli.inside import add_commands as add_inside_commands
 from mmscope.cli.studies import add_commands as add_study_commands
-from mmscope.core.errors import InputError, MMScopeError
+from mmscope.core.errors import MMScopeError
+from mmscope.core.validate import MAX_NEW_TOKENS
 
 Handler = Callable[[argparse.Namespace], int]
+#: Largest side of a world image a flag accepts.
+MAX_SIDE = 1024
 
 
 def _ask(args: argparse.Namespace) -> int:
@@ -42,6 +49,7 @@ def _cli_target(vlm, args: argparse.Namespace):  # type: ignore[no-untyped-def]
         return targets.Generated(args.max_new_tokens)
     if args.target is None:
         return targets.default_target(vlm)
+    targets.known_ids(vlm, args.target)  # a word not in the vocabulary raises, named
     try:
         targets.token_id(vlm, args.target)
         return targets.Token(args.target)
@@ -52,6 +60,7 @@ def _cli_target(vlm, args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def _explain(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from mmscope.core.context import check_length
     from mmscope.core.images import load_image
     from mmscope.methods.explain import attribution_methods, make_method
     from mmscope.models import load
@@ -63,6 +72,7 @@ def _explain(args: argparse.Namespace) -> int:
         raise MMScopeError("--method names no method; give registry keys or all")
     vlm = load(args.model)
     inputs = vlm.prepare(load_image(args.image, allow_large=args.allow_large), args.prompt)
+    check_length(vlm, inputs)  # the whole sequence, image tokens included, before progress
     target = _cli_target(vlm, args)
     done = []
     for method in tqdm(methods, desc="explain", unit="method", disable=not args.verbose):
@@ -122,72 +132,6 @@ def _toys_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from mmscope.bench import BenchConfig, load_items, run_leaderboard, world_items
-    from mmscope.bench.report import write_leaderboard
-    from mmscope.models import load
-
-    vlm = load(args.model)
-    items = load_items(args.data, args.images) if args.data else None
-    items = items[: args.n] if items else world_items(args.n, contrastive=vlm.contrastive)
-    split = lambda text: tuple(k for k in (text or "").split(",") if k)  # noqa: E731
-    subsets = {}
-    for part in split(args.subset):
-        key, _, size = part.partition("=")
-        if not size.isdigit():
-            raise InputError(f"--subset takes metric=items pairs, not {part!r}")
-        subsets[key] = int(size)
-    config = BenchConfig(
-        args.model,
-        len(items),
-        split(args.methods),
-        split(args.metrics),
-        args.batch_size,
-        subsets,
-        data=args.data or "world",
-    ).resolved()  # bad keys and sizes raise before any work
-    with tqdm(desc="bench", unit="method-batch", disable=args.json) as bar:
-
-        def progress(step: int, total: int, method: str) -> None:
-            bar.total = total
-            bar.n = step
-            bar.set_postfix_str(method)
-            bar.refresh()
-
-        results = run_leaderboard(vlm, items, config, args.out, args.resume, progress)
-    info = {**config.resolved().to_json(), "model": args.model}
-    page = write_leaderboard(results, args.out, info)
-    if args.json:
-        print(json.dumps({"rows": [r.to_dict() for r in results]}))
-        return 0
-    for r in results:
-        d = r.to_dict()
-        lo, hi = (f"{v:.3f}" if v is not None else "n/a" for v in d["ci"])
-        mean = "n/a" if d["mean"] is None else f"{d['mean']:.3f}"
-        print(f"{d['method']:<22} {d['metric']:<18} {mean:>8}  [{lo}, {hi}]  n={d['n']}")
-    print(f"wrote {page}")
-    return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from mmscope.report.demo import run_demo
-
-    path = run_demo(
-        Path(args.out),
-        model=args.model,
-        n=args.n,
-        explain=args.explain,
-        bench=args.bench,
-        inside=args.inside,
-        decoding=args.decoding,
-        neurons=args.neurons,
-    )
-    print(f"wrote {path}")
-    return 0
-
-
 def _methods(args: argparse.Namespace) -> int:
     import mmscope.decoding  # noqa: F401  (registers the decoders)
     import mmscope.methods  # noqa: F401  (registers the methods)
@@ -214,7 +158,7 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mmscope", description="Explain and interpret multimodal large language models."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -224,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--model", default="toy-llava")
     ask.add_argument("--image", required=True)
     ask.add_argument("--prompt", required=True)
-    ask.add_argument("--max-new-tokens", type=int, default=24)
+    ask.add_argument("--max-new-tokens", type=count(MAX_NEW_TOKENS), default=24)
     ask.add_argument("--decoder", default="greedy", help="a registered decoder, e.g. vcd, opera")
     ask.add_argument("--allow-large", action="store_true", help="accept images over 50 MP")
     ask.add_argument("--json", action="store_true")
@@ -241,9 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--generated", action="store_true", help="explain every token of the generated answer"
     )
-    explain.add_argument("--max-new-tokens", type=int, default=24)
+    explain.add_argument("--max-new-tokens", type=count(MAX_NEW_TOKENS), default=24)
     explain.add_argument("--allow-large", action="store_true", help="accept images over 50 MP")
-    explain.add_argument("--out", default="mmscope-explain")
+    explain.add_argument("--out", type=out_folder, default="mmscope-explain")
     explain.add_argument("--json", action="store_true")
     explain.set_defaults(handler=_explain)
 
@@ -251,47 +195,33 @@ def build_parser() -> argparse.ArgumentParser:
         dest="world_command", required=True
     )
     sample = world.add_parser("sample", help="write scenes as PNG images + JSONL annotations")
-    sample.add_argument("--n", type=int, default=100)
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--size", type=int, default=48)
-    sample.add_argument("--out", required=True)
+    sample.add_argument("--n", type=count(), default=100)
+    sample.add_argument("--seed", type=seed, default=0)
+    sample.add_argument("--size", type=count(MAX_SIDE, minimum=2), default=48, help="pixels")
+    sample.add_argument("--out", type=out_folder, required=True)
     sample.set_defaults(handler=_world_sample)
 
     train = sub.add_parser(
         "train-toy", help="train the toy models on the world (llava starts from a toy-clip)"
     )
     train.add_argument("which", choices=["llava", "clip", "all"])
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--out", help="folder for the weights (default: the package's own)")
+    train.add_argument("--seed", type=seed, default=0)
+    train.add_argument(
+        "--out", type=out_folder, help="folder for the weights (default: the package's own)"
+    )
     train.set_defaults(handler=_train_toy)
 
     toys = sub.add_parser("toys", help="the shipped toy models").add_subparsers(
         dest="toys_command", required=True
     )
     evaluate = toys.add_parser("eval", help="measure the toys on held-out world data")
-    evaluate.add_argument("--n", type=int, default=2000)
+    evaluate.add_argument("--n", type=count(), default=2000)
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=_toys_eval)
 
     add_eval_commands(sub)
 
-    bench = sub.add_parser("bench", help="the leaderboard: every method against every metric")
-    bench.add_argument("--model", default="toy-llava")
-    bench.add_argument("--n", type=int, default=500, help="world items (or the first of --data)")
-    bench.add_argument("--data", help="a JSONL of items (image, question, answer, mask or boxes)")
-    bench.add_argument("--images", help="folder of the --data images (default: its folder)")
-    bench.add_argument("--methods", help="comma-separated methods (default: all + baselines)")
-    bench.add_argument("--metrics", help="comma-separated metrics (default: all)")
-    bench.add_argument("--batch-size", type=int, default=25)
-    bench.add_argument(
-        "--subset",
-        help="items the costly metrics score, e.g. "
-        "randomisation=25,road_morf=100 (defaults: see the README)",
-    )
-    bench.add_argument("--out", default="mmscope-bench")
-    bench.add_argument("--resume", action="store_true", help="continue the run in --out")
-    bench.add_argument("--json", action="store_true")
-    bench.set_defaults(handler=_bench)
+    add_bench_command(sub)
 
     add_inside_commands(sub)
     add_study_commands(sub)
@@ -302,31 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     methods.set_defaults(handler=_methods)
 
-    demo = sub.add_parser("demo", help="run the main job on a toy model and write a report")
-    demo.add_argument("--model", default="toy-llava")
-    demo.add_argument("--n", type=int, default=10)
-    demo.add_argument(
-        "--explain", type=int, default=3, help="questions explained by every method (0: none)"
-    )
-    demo.add_argument(
-        "--bench", type=int, default=10, help="items of the leaderboard section (0: none)"
-    )
-    demo.add_argument(
-        "--inside", type=int, default=30, help="world questions of the inside-the-model section"
-    )
-    demo.add_argument(
-        "--decoding", type=int, default=40, help="world images of the decoders' section"
-    )
-    demo.add_argument(
-        "--neurons", type=int, default=40, help="world items of the neurons-and-concepts section"
-    )
-    demo.add_argument("--out", default="mmscope-report")
-    demo.set_defaults(handler=_demo)
+    add_demo_command(sub)
     return parser
 
 
+def _warn(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    print(f"mmscope: warning: {one_line(str(message))}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0), or a refused flag (2, its one line printed)
+        return stop.code if isinstance(stop.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     if not args.verbose:
         from transformers.utils import logging as hf_logging
@@ -334,10 +252,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         hf_logging.disable_progress_bar()  # the CLI owns this process's output
     handler: Handler = args.handler
     try:
-        return handler(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warn  # one line each, like the errors
+            return handler(args)
     except MMScopeError as err:
-        print(f"mmscope: error: {err}", file=sys.stderr)
-        return 2
+        return fail(str(err))
     except KeyboardInterrupt:
         print("mmscope: interrupted", file=sys.stderr)
         return 130

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mmscope.cli.args import count
 from mmscope.core.errors import InputError, MMScopeError
 
 
@@ -21,9 +22,11 @@ def _eval_pope(args: argparse.Namespace) -> int:
     split = args.split or "all"
     if split not in (*POPE_SPLITS, "all"):
         raise MMScopeError(f"unknown POPE split {split!r}; use {', '.join(POPE_SPLITS)} or all")
-    data = load_pope_jsonl(args.data, args.images) if args.data else None
-    vlm = load(args.model)
     decoders = _decoders(args.decoder)
+    data = None
+    if args.data:  # the probes and their images are checked before the model loads
+        data = load_pope_jsonl(args.data, args.images, allow_large=args.allow_large)
+    vlm = load(args.model)
     result: dict[str, dict[str, Any]] = {}
     for decoder in decoders:
         if data:
@@ -88,15 +91,16 @@ def add_commands(sub: Any) -> None:
     pope = evals.add_parser("pope", help="yes/no object probes (world or a POPE .jsonl file)")
     pope.add_argument("--model", default="toy-llava")
     pope.add_argument("--split", help="random, popular, adversarial or all (default: all)")
-    pope.add_argument("--n", type=int, default=100, help="world images per split")
+    pope.add_argument("--n", type=count(), default=100, help="world images per split")
     pope.add_argument("--data", help="probes in the POPE JSONL format")
     pope.add_argument("--images", help="folder of the --data images (default: its folder)")
+    pope.add_argument("--allow-large", action="store_true", help="accept --data images over 50 MP")
     pope.add_argument("--decoder", default="greedy", help="comma-separated decoders")
     pope.add_argument("--json", action="store_true")
     pope.set_defaults(handler=_eval_pope)
     chair = evals.add_parser("chair", help="hallucinated objects in captions of world images")
     chair.add_argument("--model", default="toy-llava")
-    chair.add_argument("--n", type=int, default=100)
+    chair.add_argument("--n", type=count(), default=100)
     chair.add_argument("--decoder", default="greedy", help="comma-separated decoders")
     chair.add_argument("--json", action="store_true")
     chair.set_defaults(handler=_eval_chair)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from mmscope.cli.args import box, count, numbers, out_folder, seed
 from mmscope.core.errors import InputError
 
 
@@ -26,12 +27,7 @@ class Command:
     options: tuple[tuple[str, dict[str, Any]], ...] = field(default=())
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
+_ints, _floats = numbers(int), numbers(float)
 
 
 def _words(text: str) -> list[str]:
@@ -96,14 +92,15 @@ def add_commands(sub: Any) -> None:
         p.add_argument("--model", default="toy-llava")
         p.add_argument("--image", help="an image (default: world questions)")
         p.add_argument("--prompt", help="the question about --image")
-        p.add_argument("--box", help="evidence box x0,y0,x1,y1 in --image's pixels")
+        p.add_argument("--box", type=box, help="evidence box x0,y0,x1,y1 in --image's pixels")
         p.add_argument("--target", help="the word to follow (default: the model's answer)")
-        p.add_argument("--n", type=int, default=100 if command.many else 1, help="world items")
-        p.add_argument("--seed", type=int, default=0, help="seed of the world items")
+        n = 100 if command.many else 1
+        p.add_argument("--n", type=count(), default=n, help="world items")
+        p.add_argument("--seed", type=seed, default=0, help="seed of the world items")
         p.add_argument("--allow-large", action="store_true", help="accept images over 50 MP")
         for flag, spec in command.options:
             p.add_argument(flag, default=None, **spec)
-        p.add_argument("--out", default="mmscope-inside")
+        p.add_argument("--out", type=out_folder, default="mmscope-inside")
         p.add_argument("--json", action="store_true")
         p.set_defaults(handler=run, inside=name)
 
@@ -125,9 +122,12 @@ def _given(vlm: Any, args: argparse.Namespace) -> tuple[Any, list[Any], list[str
     image = load_image(args.image, allow_large=args.allow_large)
     mask = None
     if args.box:
-        x0, y0, x1, y1 = (int(float(v)) for v in args.box.split(","))
+        x0, y0, x1, y1 = (int(round(v)) for v in args.box)
+        if x0 >= image.width or y0 >= image.height or x1 <= x0 or y1 <= y0:
+            size = f"{image.width}x{image.height}"
+            raise InputError(f"--box {x0},{y0},{x1},{y1} covers no pixel of the {size} image")
         mask = np.zeros((image.height, image.width), dtype=bool)
-        mask[max(0, y0) : y1, max(0, x0) : x1] = True
+        mask[y0:y1, x0:x1] = True
     return vlm.prepare(image, args.prompt), [mask], [""]
 
 
@@ -153,17 +153,25 @@ def _first_token_data(vlm: Any, args: argparse.Namespace) -> tuple[Any, list[boo
 
 def run(args: argparse.Namespace) -> int:
     """Handler of every inside-the-model subcommand."""
+    from mmscope.core import targets
+    from mmscope.core.registry import REGISTRY
+    from mmscope.methods.analysis import KIND
     from mmscope.methods.inside import analyse
     from mmscope.models import load
 
     command = COMMANDS[args.inside]
-    vlm = load(args.model)
     names = [spec.get("dest") or flag[2:].replace("-", "_") for flag, spec in command.options]
     settings = {
         name: getattr(args, name)
         for name in names
         if name not in _NOT_SETTINGS and getattr(args, name) is not None
     }
+    REGISTRY.check(command.analysis, KIND, **settings)  # types and ranges, before the model
+    if args.prompt and not args.image:
+        raise InputError("--prompt needs --image (without one, world questions are asked)")
+    vlm = load(args.model)
+    if args.target:
+        targets.token_id(vlm, args.target)  # not one known token: refused, naming the word
     data: dict[str, Any] = {}
     if command.analysis == "first_token":
         inputs, data["labels"] = _first_token_data(vlm, args)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmscope.cli.args import count, out_folder, seed, typed
 from mmscope.core.errors import InputError
 
 
@@ -85,47 +86,39 @@ def add_commands(sub: Any) -> None:
 
 def _add(p: argparse.ArgumentParser, command: Command) -> None:
     p.add_argument("--model", default="toy-llava")
-    p.add_argument("--n", type=int, default=200, help="world items")
-    p.add_argument("--seed", type=int, default=0, help="seed of the world items")
+    p.add_argument("--n", type=count(), default=200, help="world items")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the world items")
     p.add_argument("--data", help="a JSONL of the user's items instead of world items")
+    p.add_argument("--allow-large", action="store_true", help="accept --data images over 50 MP")
     if len(command.studies) > 1:
         p.add_argument("--method", choices=command.studies, default=command.studies[0])
     for flag, _, _ in command.loads:
         p.add_argument(flag, required=True)
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
-    p.add_argument("--out", default="mmscope-studies")
+    p.add_argument("--out", type=out_folder, default="mmscope-studies")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=run, study_command=command)
 
 
 def settings(key: str, pairs: list[str]) -> dict[str, Any]:
-    """``--set name=value`` pairs typed by the study's defaults: bools, ints, floats, strings
-    and comma-separated tuples of them; unknown names raise ``InputError``."""
+    """``--set name=value`` pairs typed by the study's annotations (bools are true/false,
+    yes/no, on/off or 1/0; lists are comma-separated), then checked against each setting's
+    declared type and range; unknown names and bad values raise ``InputError``."""
     from mmscope.core.registry import REGISTRY
+    from mmscope.core.settings import setting_hints
     from mmscope.methods.study import KIND
 
-    params = inspect.signature(REGISTRY.get(key, KIND).obj).parameters
+    obj = REGISTRY.get(key, KIND).obj
+    params, hints = inspect.signature(obj).parameters, setting_hints(obj)
     out: dict[str, Any] = {}
     for pair in pairs:
         name, sep, text = pair.partition("=")
         if not sep or name not in params:
             raise InputError(f"--set {pair!r}: {key} takes {', '.join(params) or 'no settings'}")
-        out[name] = _typed(params[name].default, text)
+        hint = hints.get(name, inspect.Parameter.empty)
+        out[name] = typed(hint, params[name].default, text, name)
+    REGISTRY.check(key, KIND, **out)
     return out
-
-
-def _typed(default: Any, text: str) -> Any:
-    if isinstance(default, tuple):
-        kind = type(default[0]) if default else str
-        return tuple(_typed(kind(), v.strip()) for v in text.split(",") if v.strip())
-    try:
-        if isinstance(default, bool):
-            return text.lower() in ("1", "true", "yes")
-        if isinstance(default, (int, float)):
-            return type(default)(text)
-    except ValueError:
-        raise InputError(f"{text!r} is not a {type(default).__name__}") from None
-    return text
 
 
 def _loader(spec: str) -> Any:
@@ -137,21 +130,24 @@ def _loader(spec: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from mmscope.bench.items import load_items, world_items
+    from mmscope.core.context import check_prompts
     from mmscope.methods.study import KIND, study, write_table
     from mmscope.models import load
 
     command: Command = args.study_command
     key = getattr(args, "method", None) or command.studies[0]
-    chosen = settings(key, args.set)
+    chosen = settings(key, args.set)  # settings, then data files, are checked before the model
+    given = load_items(args.data, allow_large=args.allow_large) if args.data else None
+    data = {kw: _loader(spec)(getattr(args, flag[2:])) for flag, kw, spec in command.loads}
     vlm = load(args.model)
-    if args.data:
-        items = load_items(args.data)
+    if given is not None:
+        items = given
     elif command.world:
         items = _loader(command.world)(args.n, seed=args.seed)
     else:
         items = world_items(args.n, seed=args.seed, contrastive=vlm.contrastive)
+    check_prompts(vlm, [it.prompt for it in items])  # before any progress bar starts
     out = Path(args.out)
-    data = {kw: _loader(spec)(getattr(args, flag[2:])) for flag, kw, spec in command.loads}
     from mmscope.core.registry import REGISTRY
 
     if "checkpoint" in inspect.signature(REGISTRY.get(key, KIND).obj.__call__).parameters:

@@ -38,8 +38,12 @@ class WeightsError(MMScopeError):
     """Missing, corrupt or unsafe (non-safetensors) weights."""
 
 
+class ChatTemplateError(MMScopeError):
+    """A model's chat template that the sandbox refuses or that does not render."""
+
+
 class OfflineError(MMScopeError):
-    """A hub download was needed but there is no network."""
+    """A hub download was needed but there is no network (or offline mode is on)."""
 
 
 class RegistryError(MMScopeError, KeyError):

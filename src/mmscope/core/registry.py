@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from mmscope.core.errors import InputError, RegistryError
+from mmscope.core.settings import check_settings
 from mmscope.core.taxonomy import LEVELS
 
 T = TypeVar("T")
@@ -67,16 +68,23 @@ class Registry:
             known = ", ".join(sorted(self.keys(kind))) or "none"
             raise RegistryError(f"unknown {kind} {key!r}; known: {known}") from None
 
-    def make(self, key: str, kind: str = "method", **settings: Any) -> Any:
-        """An instance of the registered class ``key`` with ``settings``; settings it does not
-        take raise ``InputError`` naming the ones it does."""
+    def check(self, key: str, kind: str = "method", **settings: Any) -> Entry:
+        """Check ``settings`` of ``key`` without making it, before any model work: settings it
+        does not take, and each setting's declared type and range (``core.settings``), raise
+        ``InputError`` naming the setting and the bad value."""
         entry = self.get(key, kind)
         try:
             inspect.signature(entry.obj).bind(**settings)
         except TypeError as err:
             params = ", ".join(inspect.signature(entry.obj).parameters)
             raise InputError(f"{kind} {key} takes the settings ({params}): {err}") from None
-        return entry.obj(**settings)
+        check_settings(entry.obj, settings, f"{kind} {key}")
+        return entry
+
+    def make(self, key: str, kind: str = "method", **settings: Any) -> Any:
+        """An instance of the registered class ``key`` with ``settings``, checked first
+        (``check``)."""
+        return self.check(key, kind, **settings).obj(**settings)
 
     def keys(self, kind: str = "method") -> list[str]:
         return [k for (knd, k) in self._entries if knd == kind]

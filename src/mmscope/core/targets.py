@@ -5,6 +5,10 @@ holds the inputs the methods run on (teacher-forced where the target needs the a
 sequence) and maps the model's output to scores of shape ``(batch, k)``: one column per
 explained output (one for most targets, one per generated token for ``Generated``). Every
 method takes the same targets.
+
+Nothing falls back silently: a word the tokenizer does not know (it would be read as
+``<unk>``) is refused naming the word, and a sequence longer than the model's context is
+refused (``core.context``).
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mmscope.core.context import check_length, fit_new_tokens
 from mmscope.core.errors import InputError
 from mmscope.core.inputs import Inputs
 from mmscope.core.validate import integer
+from mmscope.core.vocab import answer_id, known_ids, token_id
 
 if TYPE_CHECKING:
     from mmscope.models.base import VLM
@@ -81,29 +87,9 @@ def _tiled(per_item: torch.Tensor, batch: int) -> torch.Tensor:
     return per_item.repeat(batch // per_item.shape[0], *([1] * (per_item.dim() - 1)))
 
 
-def token_id(vlm: VLM, word: str) -> int:
-    """The id of ``word`` as one token (also tried with a leading space, as SentencePiece
-    tokenizers spell a word after another)."""
-    tok = vlm.tokenizer
-    for text in (word, " " + word):
-        ids = tok.encode(text, add_special_tokens=False)
-        if len(ids) == 1:
-            return int(ids[0])
-    raise InputError(
-        f"{word!r} is not a single token of {vlm.name}; use AnswerLogProb({word!r}) instead"
-    )
-
-
-def answer_id(vlm: VLM, answer: str) -> int:
-    """The id of an answer's first word as one token (``"bottom right"``: ``"bottom"``)."""
-    words = answer.split()
-    if not words:
-        raise InputError("an empty answer has no first token")
-    return token_id(vlm, words[0])
-
-
 def _next_token_target(vlm: VLM, inputs: Inputs, ids: Sequence[int], what: str) -> BoundTarget:
     """Log-probability of ``ids[b]`` as the next token of item ``b``."""
+    check_length(vlm, inputs)
     index = torch.tensor(list(ids), dtype=torch.long)
 
     def score(output: Any) -> torch.Tensor:
@@ -158,6 +144,7 @@ class Predicted(Target):
     def token_ids(self, vlm: VLM, inputs: Inputs) -> list[int]:
         """Each item's top next token."""
         _decoder_only(vlm, self)
+        check_length(vlm, inputs)
         with torch.no_grad():
             return [int(i) for i in _logits(vlm.forward(inputs))[:, -1].argmax(-1).tolist()]
 
@@ -173,6 +160,7 @@ class Contrast(Target):
 
     def bind(self, vlm: VLM, inputs: Inputs) -> BoundTarget:
         _decoder_only(vlm, self)
+        check_length(vlm, inputs)
         a, b = token_id(vlm, self.word), token_id(vlm, self.other)
 
         def score(output: Any) -> torch.Tensor:
@@ -207,9 +195,10 @@ class AnswerLogProb(Target):
 
     def bind(self, vlm: VLM, inputs: Inputs) -> BoundTarget:
         _decoder_only(vlm, self)
-        ids = vlm.tokenizer.encode(self.answer, add_special_tokens=False)
+        ids = known_ids(vlm, self.answer)
         if not ids:
             raise InputError("the answer to explain is empty")
+        check_length(vlm, inputs, len(ids), f"the prompt with the answer {self.answer!r}")
         row = torch.tensor(ids, dtype=torch.long).unsqueeze(0).repeat(inputs.batch_size, 1)
         forced, per_token = _forced(inputs, row, torch.ones_like(row, dtype=torch.bool))
         labels = ((self.answer,),) * inputs.batch_size
@@ -235,10 +224,11 @@ class Generated(Target):
     def bind(self, vlm: VLM, inputs: Inputs) -> BoundTarget:
         _decoder_only(vlm, self)
         tok = vlm.tokenizer
+        max_new_tokens = fit_new_tokens(vlm, inputs, self.max_new_tokens)
         with torch.no_grad():
             out = vlm.model.generate(
                 **inputs.to(vlm.device).tensors,
-                max_new_tokens=self.max_new_tokens,
+                max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tok.pad_token_id,
             )
@@ -274,6 +264,7 @@ class Similarity(Target):
         n_images, n_texts = inputs.batch_size, len(inputs.prompts)
         if n_texts not in (1, n_images):
             raise InputError(f"{n_images} images need one text or {n_images} texts")
+        check_length(vlm, inputs, what="the text")
         if n_texts == 1 and n_images > 1:
             inputs = _one_text_per_image(inputs)
             n_texts = n_images
@@ -319,6 +310,8 @@ __all__ = [
     "Target",
     "Token",
     "TokenId",
+    "answer_id",
     "default_target",
+    "known_ids",
     "token_id",
 ]

@@ -15,12 +15,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from mmscope.core.errors import InputError
+from mmscope.core.images import load_image
+from mmscope.core.validate import MAX_ITEMS, count, integer, output_folder, valid_seed
 from mmscope.world.questions import Question, caption, questions
 from mmscope.world.render import render
 from mmscope.world.rle import decode_rle, encode_rle
 from mmscope.world.scene import Scene, WorldConfig, sample_scenes
 
 ANNOTATIONS = "annotations.jsonl"
+#: Most pixels ``make_samples`` holds in memory at once (n x size^2; 3 bytes each).
+MAX_WORLD_PIXELS = 500_000_000
 IMAGES_DIR = "images"
 _QUESTION_STREAM = 0x5157  # separates the question RNG stream from the scene stream
 
@@ -52,7 +57,15 @@ def make_samples(
     size: int = 48,
     config: WorldConfig = WorldConfig(),  # noqa: B008
 ) -> list[WorldSample]:
-    """Sample, render and annotate ``n`` scenes deterministically from ``seed``."""
+    """Sample, render and annotate ``n`` scenes deterministically from ``seed``; counts,
+    seeds and sizes out of range raise ``InputError`` before anything is drawn."""
+    n, seed = count("n", n, MAX_ITEMS), valid_seed(seed)
+    size = integer("size", size, minimum=2, maximum=4096)
+    if n * size * size > MAX_WORLD_PIXELS:
+        raise InputError(
+            f"{n:,} scenes of {size}x{size} pixels are {n * size * size:,} pixels in memory, "
+            f"over the ceiling of {MAX_WORLD_PIXELS:,}; sample fewer or smaller scenes"
+        )
     scenes = sample_scenes(n, seed, config)
     rng = np.random.default_rng([seed, _QUESTION_STREAM])
     out: list[WorldSample] = []
@@ -97,8 +110,9 @@ def _record(sample: WorldSample, image_rel: str) -> dict[str, Any]:
 
 
 def export_dataset(samples: Sequence[WorldSample], out_dir: str | Path) -> Path:
-    """Write images and annotations under ``out_dir``; return the JSONL path."""
-    out = Path(out_dir)
+    """Write images and annotations under ``out_dir``; return the JSONL path. A folder that
+    cannot be written raises ``InputError`` before anything is."""
+    out = output_folder(out_dir)
     (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     path = out / ANNOTATIONS
     with path.open("w", encoding="utf-8") as f:
@@ -110,8 +124,7 @@ def export_dataset(samples: Sequence[WorldSample], out_dir: str | Path) -> Path:
 
 
 def _load_record(rec: dict[str, Any], root: Path) -> WorldSample:
-    with Image.open(root / rec["image"]) as im:
-        image = im.convert("RGB")
+    image = load_image(root / rec["image"])
     h, w = int(rec["height"]), int(rec["width"])
     masks = np.zeros((len(rec["objects"]), h, w), dtype=bool)
     for i, obj in enumerate(rec["objects"]):

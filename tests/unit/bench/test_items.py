@@ -59,7 +59,7 @@ def test_world_export_loads_every_question(tmp_path):
     [
         ("{not json", "line 1"),
         (json.dumps({"question": "q"}), "needs an image"),
-        (json.dumps({"image": "missing.png", "question": "q"}), "cannot read image"),
+        (json.dumps({"image": "missing.png", "question": "q"}), "missing.png does not exist"),
         (json.dumps({"image": "a.png"}), "needs a question"),
     ],
 )
