@@ -5,6 +5,7 @@ also when the forward raises midway; and every role of every adapter resolves an
 import pytest
 import torch
 
+from mmscope.core.errors import SiteError
 from mmscope.core.hooks import ablate, capture, patch
 from mmscope.core.registry import REGISTRY
 from mmscope.core.state import model_state
@@ -14,13 +15,26 @@ PROMPT = "what color is the circle ?"
 
 
 def _sites(vlm) -> list[str]:
-    """Every role, at layer 0 where it takes an index."""
+    """Every role, at the first layer where it resolves if it takes an index (layer 0, but on
+    hybrid models a role such as ``lm.layer.attn`` exists on the softmax-attention layers only)."""
     sites = []
     for role in vlm.roles:
         base = role.removesuffix(".probs")
-        indexed = "{i}" in vlm.ROLES[base]
-        sites.append(role.replace(".layer", ".layer[0]", 1) if indexed else role)
+        if "{i}" not in vlm.ROLES[base]:
+            sites.append(role)
+            continue
+        stack = next(s for s in vlm.LAYER_LISTS if base.startswith(s))
+        at = [role.replace(".layer", f".layer[{i}]", 1) for i in range(vlm.num_layers(stack))]
+        sites.append(next((s for s in at if _resolves(vlm, s)), at[0]))
     return sites
+
+
+def _resolves(vlm, site: str) -> bool:
+    try:
+        vlm.resolve(site)
+    except SiteError:
+        return False
+    return True
 
 
 def _inputs(vlm, image):

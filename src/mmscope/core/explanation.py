@@ -31,10 +31,11 @@ class Explanation:
         settings: the method's settings.
         target: the target, as text.
         labels: per item, the name of each explained output.
-        image_scores: per item, per image, an array ``(outputs, rows, cols)``.
+        image_scores: per item, per span (image or view), an array ``(outputs, rows, cols)``.
         text_scores: per item, an array ``(outputs, prompt tokens)``.
         prompt_tokens: per item, the prompt's tokens.
-        spans: per item, per image, its span (grid and crop box of the original image).
+        spans: per item, its image spans: one per image, or one per view of an image shown
+            several times (grid, crop box in the original image, positions).
         images: per item, the original images (kept for overlays, not serialised).
         extras: method-specific numbers, e.g. ``completeness_gap`` per item and output.
     """
@@ -61,11 +62,17 @@ class Explanation:
             raise InputError(f"output {output} is out of range: {len(self.labels[item])} outputs")
 
     def image_map(self, image: int = 0, *, item: int = 0, output: int = 0) -> np.ndarray:
-        """The ``(rows, cols)`` map of one image over its patch grid."""
+        """The ``(rows, cols)`` map of the item's ``image``-th span over its grid (for families
+        that show an image in several views, one view: see ``views`` and ``heatmap``)."""
         self._check(item, output)
         if not 0 <= image < len(self.image_scores[item]):
-            raise InputError(f"item {item} has {len(self.image_scores[item])} image(s)")
+            raise InputError(f"item {item} has {len(self.image_scores[item])} image span(s)")
         return self.image_scores[item][image][output]
+
+    def views(self, image: int = 0, *, item: int = 0) -> list[int]:
+        """Indices of the spans (views) that show the item's ``image``-th image."""
+        spans = self.spans[item]
+        return [k for k, span in enumerate(spans) if span.image_index(k) == image]
 
     def text_map(self, *, item: int = 0, output: int = 0) -> list[tuple[str, float]]:
         """``(token, score)`` for every prompt token."""
@@ -74,15 +81,45 @@ class Explanation:
         return list(zip(self.prompt_tokens[item], map(float, scores)))
 
     def heatmap(
-        self, image: int = 0, *, item: int = 0, output: int = 0, size: tuple[int, int] | None = None
+        self,
+        image: int = 0,
+        *,
+        item: int = 0,
+        output: int = 0,
+        size: tuple[int, int] | None = None,
+        view: int | None = None,
     ) -> np.ndarray:
-        """The map in the original image's pixels ``(height, width)``: bilinear over the region
-        the processor kept (its crop box), zero outside it. ``size`` (w, h) overrides the
-        original size."""
-        grid = self.image_map(image, item=item, output=output).astype(np.float32)
+        """The map of the item's ``image``-th image in its original pixels ``(height, width)``.
+
+        Each view's grid is laid bilinearly over the box of the original image it covers (its
+        crop box; zero outside). An image shown in several views (a base view and stitched
+        tiles) gets the sum of its views, each as a density in units of the finest view's cell,
+        so that one map in the original image's coordinates holds all of them; ``view`` (a span
+        index of ``views``) draws one view alone. ``size`` (w, h) overrides the original size.
+        """
+        self._check(item, output)
+        views = [view] if view is not None else self.views(image, item=item)
+        if not views:
+            raise InputError(f"item {item} has no image {image}")
         original = self.images[item][image].size if self.images else None
+        layers = [self._view_heatmap(k, item, output, size, original) for k in views]
+        if len(layers) == 1:
+            return layers[0][0]
+        finest = min(area for _, area in layers)
+        return np.sum([m * (finest / area) for m, area in layers], axis=0).astype(np.float32)
+
+    def _view_heatmap(
+        self,
+        k: int,
+        item: int,
+        output: int,
+        size: tuple[int, int] | None,
+        original: tuple[int, int] | None,
+    ) -> tuple[np.ndarray, float]:
+        """One view's map over its box in the requested pixels, and its cells' area there."""
+        grid = self.image_map(k, item=item, output=output).astype(np.float32)
         width, height = size or original or (grid.shape[1] * 16, grid.shape[0] * 16)
-        left, top, right, bottom = self.spans[item][image].crop
+        left, top, right, bottom = self.spans[item][k].crop
         if right <= left or bottom <= top or original is None:
             left, top, right, bottom = 0.0, 0.0, float(width), float(height)
         else:  # the crop box is in original pixels; rescale it to the requested size
@@ -94,7 +131,7 @@ class Explanation:
         x0, y0 = round(left), round(top)
         patch = np.asarray(scaled)[: height - y0, : width - x0]
         out[y0 : y0 + patch.shape[0], x0 : x0 + patch.shape[1]] = patch
-        return out
+        return out, box_w * box_h / max(1, grid.shape[0] * grid.shape[1])
 
     def plot(self, *, item: int = 0, output: int = 0, image: int = 0, ax: Any = None) -> Any:
         """Overlay the heatmap on the original image and list the prompt-word scores."""
@@ -120,6 +157,9 @@ class Explanation:
                         "grid": list(s.grid),
                         "sequence": s.sequence,
                         "crop": list(s.crop),
+                        "image": s.image,
+                        "view": s.view,
+                        "cells": list(s.cells),
                     }
                     for s in item
                 ]
@@ -133,7 +173,16 @@ class Explanation:
         """Inverse of ``to_dict`` (without the images)."""
         spans = tuple(
             tuple(
-                ImageSpan(s["start"], s["end"], tuple(s["grid"]), s["sequence"], tuple(s["crop"]))
+                ImageSpan(
+                    s["start"],
+                    s["end"],
+                    tuple(s["grid"]),
+                    s["sequence"],
+                    tuple(s["crop"]),
+                    s.get("image", -1),
+                    s.get("view", ""),
+                    tuple(s.get("cells", ())),
+                )
                 for s in item
             )
             for item in d["spans"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -12,16 +12,30 @@ from PIL import Image
 
 @dataclass(frozen=True)
 class ImageSpan:
-    """Where one image's tokens sit and how they tile the image.
+    """One *view* of an image: where its tokens sit and which part of the image they tile.
+
+    Most families show each image once (one view, its tokens one contiguous run). Tiling
+    families show an image several times, each view with its own grid and box: a base view of
+    the whole image and the tiles stitched into one grid (LLaVA-NeXT), sub-images and a global
+    view (Idefics3), frames of a video. Every map, mask and token set goes through the views:
+    ``grid`` and ``positions`` say which sequence position holds which cell, ``crop`` where the
+    cells lie in the original image's pixels.
 
     Attributes:
-        start: first token position of the image in ``sequence``.
-        end: one past the last position.
-        grid: (rows, cols) of the image's tokens after any merging; rows * cols == end - start.
+        start: first token position of the view in ``sequence``.
+        end: one past its last position (``start``..``end`` may also hold separator tokens,
+            such as LLaVA-NeXT's row newlines, when ``cells`` is given).
+        grid: (rows, cols) of the view's tokens after any merging.
         sequence: ``"lm"`` for the language model's sequence, ``"vision"`` for the vision
             tower's own sequence (contrastive encoders have no joint sequence).
         crop: the box (left, top, right, bottom) of the original image, in its pixels, that the
-            grid covers after the processor's resize and crop.
+            grid covers after the processor's resize, crop or tiling.
+        image: which of its item's images the view shows; -1 (default) for the span's own
+            index (one view per image).
+        view: the view's name (``""`` for the only view of an image; ``"base"``, ``"tiles"``,
+            ``"global"``, ``"tile 0,1"``, ``"frame 3"``).
+        cells: the sequence positions of the grid's cells in raster order, when they are not
+            ``start``..``end`` in order.
     """
 
     start: int
@@ -29,10 +43,23 @@ class ImageSpan:
     grid: tuple[int, int]
     sequence: str = "lm"
     crop: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    image: int = -1
+    view: str = ""
+    cells: tuple[int, ...] = ()
 
     @property
-    def positions(self) -> range:
-        return range(self.start, self.end)
+    def positions(self) -> Sequence[int]:
+        """The sequence position of each grid cell, in raster order (``rows * cols`` of them)."""
+        return self.cells if self.cells else range(self.start, self.end)
+
+    @property
+    def size(self) -> int:
+        """Number of cells: ``rows * cols``."""
+        return self.grid[0] * self.grid[1]
+
+    def image_index(self, k: int) -> int:
+        """The image this view shows, given that it is its item's ``k``-th span."""
+        return k if self.image < 0 else self.image
 
 
 @dataclass(frozen=True)
@@ -50,10 +77,21 @@ class Inputs:
     prompts: tuple[str, ...]
     prompt_spans: tuple[tuple[int, int], ...]
     prompt_tokens: tuple[tuple[str, ...], ...] = field(default=())
+    #: Value ``extend`` gives appended positions of a per-token tensor (default 0); PaliGemma
+    #: marks the tokens after its prefix with ``token_type_ids`` 1 (causal, as generated).
+    extend_fill: Mapping[str, int] = field(default_factory=dict)
+    #: Per-token tensors ``(batch, sequence, ...)`` whose appended positions repeat the last
+    #: position (Mllama's ``cross_attention_mask``: a new token reads the images the last reads).
+    extend_repeat: tuple[str, ...] = ()
 
     @property
     def batch_size(self) -> int:
         return len(self.images)
+
+    def views(self, item: int, image: int) -> list[int]:
+        """Indices into ``image_spans[item]`` of the views of the item's ``image``-th image."""
+        spans = self.image_spans[item]
+        return [k for k, span in enumerate(spans) if span.image_index(k) == image]
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -91,7 +129,7 @@ class Inputs:
 
         ``keep`` (bool, same shape) marks real tokens; the rest are padding after the item's
         end, which causal attention never lets earlier positions see. Other per-token tensors
-        (``mm_token_type_ids``) are extended with zeros.
+        (``mm_token_type_ids``) are extended with zeros, or with their ``extend_fill``.
         """
         seq = self.input_ids
         if ids.dim() != 2 or ids.shape[0] != seq.shape[0]:
@@ -106,7 +144,11 @@ class Inputs:
             elif key == "attention_mask":
                 out[key] = torch.cat([value, keep.to(value)], dim=1)
             elif value.shape == seq.shape:
-                out[key] = torch.cat([value, torch.zeros_like(ids).to(value)], dim=1)
+                fill = torch.full_like(ids, self.extend_fill.get(key, 0))
+                out[key] = torch.cat([value, fill.to(value)], dim=1)
+            elif key in self.extend_repeat:
+                last = value[:, -1:].expand(-1, ids.shape[1], *value.shape[2:])
+                out[key] = torch.cat([value, last], dim=1)
         return replace(self, tensors=out)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Inputs:

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mmscope.core.context import fit_new_tokens
 from mmscope.core.registry import REGISTRY
+from mmscope.core.validate import MAX_NEW_TOKENS, count
 from mmscope.models.capabilities import require_entry
 
 if TYPE_CHECKING:
@@ -34,8 +36,11 @@ class Decoder:
         return False
 
     def __call__(self, vlm: VLM, inputs: Inputs, max_new_tokens: int = 24) -> list[str]:
-        """The continuation of each batch item, decoded without special tokens."""
+        """The continuation of each batch item, decoded without special tokens; an answer
+        that would run past the model's context is shortened, with a warning."""
         require_entry(vlm, self, KIND)
+        max_new_tokens = count("max_new_tokens", max_new_tokens, MAX_NEW_TOKENS)
+        max_new_tokens = fit_new_tokens(vlm, inputs, max_new_tokens)
         with torch.no_grad():
             new = self.decode(vlm, inputs.to(vlm.device), max_new_tokens)
         texts = vlm.tokenizer.batch_decode(new, skip_special_tokens=True)

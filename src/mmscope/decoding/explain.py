@@ -20,6 +20,7 @@ from mmscope.decoding.base import make_decoder
 from mmscope.methods.analysis import Result, jsonable
 from mmscope.methods.explain import make_method
 from mmscope.methods.token.lens import LensResult, LogitLens
+from mmscope.models.capabilities import softmax_only
 from mmscope.world import DESCRIBE_PROMPT
 
 if TYPE_CHECKING:
@@ -40,7 +41,8 @@ class HallucinationExplanation(Result):
         relevance: the attribution of the token over the image and prompt words.
         lens: the logit lens of the prefix (its last position produced the token).
         image_attention: per layer, the attention mass (mean over heads) that the producing
-            position gives to the image tokens.
+            position gives to the image tokens (NaN at a layer without softmax attention:
+            hybrid models' linear-attention layers).
         text_attention: the same for the text before it (prompt and generated words).
     """
 
@@ -107,20 +109,23 @@ def _find(tokens: list[str], words: list[str]) -> int:
 
 
 def _attention(vlm: VLM, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
-    """Per layer, the last position's attention mass on the image tokens and on the text."""
+    """Per layer, the last position's attention mass on the image tokens and on the text (NaN
+    at the layers without softmax attention)."""
     n = vlm.num_layers("lm.layer")
-    sites = [f"lm.layer[{i}].attn.probs" for i in range(n)]
+    layers, _ = softmax_only(vlm, "lm.layer", range(n), "explain_hallucination")
+    sites = [f"lm.layer[{i}].attn.probs" for i in layers]
     with torch.no_grad(), capture(vlm, sites) as cap:
         vlm.forward(inputs)
-    image = [p for span in inputs.image_spans[0] for p in span.positions]
+    lm = [span for span in inputs.image_spans[0] if span.sequence == "lm"]
+    image = [p for span in lm for p in span.positions]  # none where cross-attention reads it
     mask = inputs.attention_mask[0].bool().clone()
     mask[image] = False
     text = torch.nonzero(mask).view(-1).tolist()
     rows = [cap[s][0, :, -1].float().mean(0) for s in sites]
-    return (
-        np.array([float(r[image].sum()) for r in rows]),
-        np.array([float(r[text].sum()) for r in rows]),
-    )
+    image_mass, text_mass = np.full(n, np.nan), np.full(n, np.nan)
+    image_mass[layers] = [float(r[image].sum()) if lm else np.nan for r in rows]
+    text_mass[layers] = [float(r[text].sum()) for r in rows]
+    return image_mass, text_mass
 
 
 def explain_hallucination(

@@ -20,10 +20,14 @@ the whole vocabulary with the raw logits).
 
 Items are decoded one at a time (unpadded), as OPERA's code does; see ``opera_search`` for the
 fast path (one batched forward per step).
+
+Hybrid models (Qwen3.5) read the last layer that has softmax attention (``opera_search.site``),
+with a warning when that is not the last layer.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,7 +37,15 @@ from mmscope.core.registry import register
 from mmscope.core.state import preserved
 from mmscope.core.validate import integer, number, positive_int
 from mmscope.decoding.base import KIND, LEVEL, Decoder
-from mmscope.decoding.opera_search import Search, Settings, eos_ids, kept_rope_deltas, split_items
+from mmscope.decoding.opera_search import (
+    SITE,
+    Search,
+    Settings,
+    eos_ids,
+    kept_rope_deltas,
+    site,
+    split_items,
+)
 
 if TYPE_CHECKING:
     from mmscope.core.inputs import Inputs
@@ -43,7 +55,9 @@ FAMILY = "decoding/attention-penalty"
 PAPER = "Huang et al. 2024"
 
 
-@register("opera", kind=KIND, family=FAMILY, paper=PAPER, level=LEVEL)
+@register(
+    "opera", kind=KIND, family=FAMILY, paper=PAPER, level=LEVEL, needs=("lm_image_tokens",)
+)
 class OPERA(Decoder):
     """OPERA (Huang et al. 2024): beam search with the over-trust penalty and rollbacks.
 
@@ -81,6 +95,14 @@ class OPERA(Decoder):
 
     def decode(self, vlm: VLM, inputs: Inputs, max_new_tokens: int) -> torch.Tensor:
         positive_int("max_new_tokens", max_new_tokens)
+        where = site(vlm)
+        if where != SITE:
+            later = vlm.non_softmax_layers("lm.layer")
+            warnings.warn(
+                f"OPERA reads {where} of {vlm.name}, its last softmax-attention layer: the "
+                f"layers after it have none ({'; '.join(sorted(set(later.values())))})",
+                stacklevel=2,
+            )
         items = split_items(vlm, inputs)
         outs = []
         with preserved(vlm.model), kept_rope_deltas(vlm.model), vlm.attention("eager"):
@@ -96,7 +118,9 @@ class OPERA(Decoder):
         return new
 
 
-@register("opera_fast", kind=KIND, family=FAMILY, paper=PAPER, level=LEVEL)
+@register(
+    "opera_fast", kind=KIND, family=FAMILY, paper=PAPER, level=LEVEL, needs=("lm_image_tokens",)
+)
 class OPERAFast(OPERA):
     """OPERA with 2 attention candidates per beam instead of 5 (the setting follow-up code
     runs): the candidate forward has 2 x num_beams rows instead of 5 x. Two is the fewest that

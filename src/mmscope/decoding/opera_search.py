@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import capture
@@ -34,7 +35,8 @@ if TYPE_CHECKING:
     from mmscope.core.inputs import Inputs
     from mmscope.models.base import VLM
 
-#: Where the attention is read: the language model's last layer, its probabilities.
+#: Where the attention is read: the language model's last layer, its probabilities (on a
+#: hybrid model whose last layer has no softmax attention, the last one that has: ``site``).
 SITE = "lm.layer[-1].attn.probs"
 #: The first response tokens are penalised by their attention on the image instead.
 EARLY = 10
@@ -87,14 +89,53 @@ def split_items(vlm: VLM, inputs: Inputs) -> list[Inputs]:
     return out
 
 
+def site(vlm: VLM) -> str:
+    """The probabilities OPERA reads: ``SITE``, or on a hybrid model whose last layer has no
+    softmax attention (``vlm.softmax_layers``) its last softmax-attention layer's."""
+    layers = vlm.softmax_layers("lm.layer")
+    if not layers:
+        raise NotApplicableError(
+            f"OPERA reads softmax attention, and no layer of {vlm.name}'s language model has any"
+        )
+    last = layers[-1]
+    return SITE if last == vlm.num_layers("lm.layer") - 1 else f"lm.layer[{last}].attn.probs"
+
+
 def run(vlm: VLM, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """One forward: float32 logits of the last position ``(rows, vocab)``, the last layer's
     attention (max over heads, rows renormalised) ``(rows, queries, keys)``, and the cache."""
-    with capture(vlm, SITE) as cap:
+    where = site(vlm)
+    with capture(vlm, where) as cap:
         out = vlm.model(**kwargs, use_cache=True, logits_to_keep=1)
-    probs = cap[SITE].max(dim=1).values.float()
+    probs = cap[where].max(dim=1).values.float()
     probs = probs / probs.sum(dim=-1, keepdim=True)
     return out.logits[:, -1].float(), probs, out.past_key_values
+
+
+def _per_row(cache: Any, fn: Any, method: str, arg: Any) -> None:
+    """``cache.<method>(arg)`` layer by layer; linear-attention layers (Qwen3.5's gated delta
+    nets), which transformers gives no batch methods, get ``fn`` on their conv and recurrent
+    states (batch first)."""
+    for layer in cache.layers:
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            for i in range(layer.number_of_states):
+                if layer.is_conv_states_initialized[i]:
+                    layer.conv_states[i] = fn(layer.conv_states[i])
+                if layer.is_recurrent_states_initialized[i]:
+                    layer.recurrent_states[i] = fn(layer.recurrent_states[i])
+        if hasattr(type(layer), method):  # key-value layers (a hybrid layer has both)
+            getattr(layer, method)(arg)
+
+
+def repeat_rows(cache: Any, repeats: int) -> None:
+    """``cache.batch_repeat_interleave(repeats)``, linear-attention layers included."""
+    fn = lambda t: t.repeat_interleave(repeats, dim=0)  # noqa: E731
+    _per_row(cache, fn, "batch_repeat_interleave", repeats)
+
+
+def select_rows(cache: Any, index: torch.Tensor) -> None:
+    """``cache.batch_select_indices(index)``, linear-attention layers included."""
+    _per_row(cache, lambda t: t[index.to(t.device)], "batch_select_indices", index)
 
 
 def candidate_forward(
@@ -103,7 +144,7 @@ def candidate_forward(
     """Every beam's candidates ``(beams, C)`` appended in one forward of ``beams * C`` rows
     (beam-major). The cache is repeated per candidate and extended in place; returns the
     candidates' next-token logits and attention rows ``(beams * C, keys)``."""
-    cache.batch_repeat_interleave(candidates.shape[1])
+    repeat_rows(cache, candidates.shape[1])
     logits, probs, _ = run(vlm, input_ids=candidates.reshape(-1, 1), past_key_values=cache)
     return logits, probs[:, -1]
 
@@ -211,7 +252,7 @@ class Search:
             settings.threshold, settings.window_size, settings.num_attn_candidates, EARLY
         )
         logits, _, self.cache = run(vlm, **item.tensors)
-        self.cache.batch_repeat_interleave(b)
+        repeat_rows(self.cache, b)
         self.logits = logits.expand(b, -1)
         self.vocab = logits.shape[-1]
         self.c = min(settings.num_attn_candidates, self.vocab)
@@ -252,7 +293,7 @@ class Search:
         # continuations, and finished ones are only pushed down by 1e9
         match = candidates[parents] == tokens[:, None]
         pick = parents * c + match.int().argmax(-1)
-        self.cache.batch_select_indices(pick)
+        select_rows(self.cache, pick)
         self.logits, self.columns = cand_logits[pick], columns.reshape(b * c, -1)[pick]
 
     def roll_back(self, position: int) -> bool:
@@ -280,7 +321,7 @@ class Search:
         forward and one forward of their response tokens (after a rollback)."""
         running = self.beams.running
         _, _, cache = run(self.vlm, **self.item.tensors)
-        cache.batch_repeat_interleave(running.shape[0])
+        repeat_rows(cache, running.shape[0])
         logits, probs, cache = run(self.vlm, input_ids=running, past_key_values=cache)
         return logits, cache, column_logs(probs[..., self.start :], self.s.scale_factor)
 

@@ -93,7 +93,8 @@ def token_rows(
     for b in range(inputs.batch_size):
         rows: list[tuple[int, str, int]] = []
         for span in inputs.image_spans[b][:1]:
-            rows += [(pos, "image", j) for j, pos in enumerate(span.positions)]
+            if span.sequence == "lm":  # not a tower's own cells (Mllama: cross-attention)
+                rows += [(pos, "image", j) for j, pos in enumerate(span.positions)]
         start, end = inputs.prompt_spans[b]
         rows += [(pos, "text", -1) for pos in range(start, end)]
         last = int(torch.nonzero(mask[b]).max())

@@ -33,7 +33,7 @@ from mmscope.core.targets import (
 from mmscope.models.capabilities import checks_needs
 
 if TYPE_CHECKING:
-    from mmscope.core.inputs import Inputs
+    from mmscope.core.inputs import ImageSpan, Inputs
     from mmscope.models.base import VLM
 
 KIND = "analysis"
@@ -156,6 +156,14 @@ def run_scores(vlm: VLM, bound: BoundTarget, inputs: Inputs | None = None) -> to
     return bound(vlm.forward(inputs or bound.inputs))[:, 0].float().cpu()
 
 
+def sequence_spans(vlm: VLM, inputs: Inputs) -> tuple[tuple[ImageSpan, ...], ...]:
+    """Per item, its image spans in the sequence that ``stack(vlm)`` runs over: the language
+    model's, or a dual encoder's vision tower (Mllama's images, read through cross-attention,
+    have none there)."""
+    seq = "vision" if vlm.contrastive else "lm"
+    return tuple(tuple(s for s in item if s.sequence == seq) for item in inputs.image_spans)
+
+
 def position_labels(vlm: VLM, inputs: Inputs, item: int, length: int) -> tuple[str, ...]:
     """A label per position up to ``length``: the token, ``"img0 r,c"`` for image tokens,
     ``"[class]"`` for a dual encoder's class token."""
@@ -163,9 +171,9 @@ def position_labels(vlm: VLM, inputs: Inputs, item: int, length: int) -> tuple[s
     if not vlm.contrastive:
         tokens = vlm.tokenizer.convert_ids_to_tokens(inputs.input_ids[item].tolist())
         labels = [str(t) for t in tokens]
-    else:
+    elif vlm.CLASS_TOKEN:
         labels[0] = "[class]"
-    for image, span in enumerate(inputs.image_spans[item]):
+    for image, span in enumerate(sequence_spans(vlm, inputs)[item]):
         cols = span.grid[1]
         for j, pos in enumerate(span.positions):
             labels[pos] = f"img{image} {j // cols},{j % cols}"

@@ -103,37 +103,38 @@ class PopeItem:
     question_id: Any = None
 
 
-def load_pope_jsonl(path: str | Path, images_dir: str | Path | None = None) -> list[PopeItem]:
+def load_pope_jsonl(
+    path: str | Path, images_dir: str | Path | None = None, *, allow_large: bool = False
+) -> list[PopeItem]:
     """Probes in the official POPE format, one JSON object a line:
     ``{"question_id": 1, "image": "x.jpg", "text": "Is there a dog in the image?",
     "label": "yes"}`` ("question" is accepted for "text", "answer" for "label").
-    Images are looked up in ``images_dir`` (default: the file's folder)."""
+    Images are looked up in ``images_dir`` (default: the file's folder); each one's header is
+    checked now, with the 50-megapixel guard unless ``allow_large`` (``core.images``)."""
+    from mmscope.core.images import MAX_PIXELS, load_image, probe_image
+    from mmscope.core.jsonl import records
+
     path = Path(path)
     folder = Path(images_dir) if images_dir is not None else path.parent
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as err:
-        raise InputError(f"cannot read POPE file {path}: {err.strerror or err}") from None
-    items = []
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    items: list[PopeItem] = []
+    images: dict[Path, Any] = {}  # each image file is checked once
+    for no, row in records(path):
         where = f"{path}, line {no}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{where}: not JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{where}: expected a JSON object")
         text, label = row.get("text", row.get("question")), row.get("label", row.get("answer"))
         if not isinstance(row.get("image"), str) or not isinstance(text, str):
             raise InputError(f"{where}: needs 'image' and 'text' (or 'question') strings")
         if not isinstance(label, str) or label.strip().lower() not in ("yes", "no"):
             raise InputError(f"{where}: label must be 'yes' or 'no', got {label!r}")
         image = folder / row["image"]
-        if not image.is_file():
-            raise InputError(f"{where}: image {image} does not exist")
-        items.append(PopeItem(image, text, label.strip().lower(), "", row.get("question_id")))
+        if image not in images:
+            try:
+                width, height = probe_image(image, allow_large=allow_large)
+            except InputError as err:
+                raise InputError(f"{where}: {err}") from None
+            large = width * height > MAX_PIXELS  # allowed: read now, past the guard
+            images[image] = load_image(image, allow_large=True) if large else image
+        answer = label.strip().lower()
+        items.append(PopeItem(images[image], text, answer, "", row.get("question_id")))
     if not items:
         raise InputError(f"POPE file {path} has no probes")
     return items

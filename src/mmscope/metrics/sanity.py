@@ -28,9 +28,10 @@ if TYPE_CHECKING:
 def cascade_sites(vlm: VLM) -> list[str]:
     """The adapter's sites from the output down to the input (the order of randomisation):
     decoders ``lm_head``, ``lm.layer[n-1] .. [0]``, ``projector``; contrastive encoders
-    ``vision.proj``; then ``vision.layer[m-1] .. [0]`` (only the roles the adapter has)."""
+    ``vision.proj`` or their pooling ``vision.head`` (SigLIP); then ``vision.layer[m-1] .. [0]``
+    (only the roles the adapter has)."""
     sites: list[str] = []
-    heads = ("vision.proj",) if vlm.contrastive else ("lm_head",)
+    heads = ("vision.proj", "vision.head") if vlm.contrastive else ("lm_head",)
     sites += [r for r in heads if r in vlm.ROLES]
     if not vlm.contrastive:
         if "lm.layer" in vlm.LAYER_LISTS:

@@ -16,6 +16,13 @@ ADAPTERS = (
     "gemma3",
     "qwen2_5_vl",
     "qwen3_vl",
+    "qwen3_5",
+    "gemma4",
+    "mllama",
+    "llava_next",
+    "llava_onevision",
+    "idefics3",
+    "internvl",
 )
 for _module in ADAPTERS:
     if importlib.util.find_spec(f"mmscope.models.{_module}"):  # TODO(before commit): drop guard

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
-from mmscope.core.errors import InputError, SiteError
+from mmscope.core.errors import InputError, NotApplicableError, SiteError
 from mmscope.core.images import ImageLike, load_images
 from mmscope.core.inputs import ImageSpan, Inputs
 from mmscope.models.capabilities import Capabilities
@@ -74,6 +74,9 @@ class VLM:
         stacks = tuple(
             r.removesuffix(".attn") for r in self.ATTENTION_ROLES if r in self.ROLES
         )
+        # a stack of linear-attention layers only has no probabilities to read
+        hybrid = [s for s in stacks if self.non_softmax_layers(s)]
+        stacks = tuple(s for s in stacks if s not in hybrid or self.softmax_layers(s))
         return Capabilities(
             generates=self.GENERATES,
             contrastive=self.contrastive,
@@ -97,9 +100,23 @@ class VLM:
             )
         return len(self.model.get_submodule(self.LAYER_LISTS[stack]))
 
+    def non_softmax_layers(self, stack: str) -> dict[int, str]:
+        """The layers of ``stack`` without softmax attention, each with what it has instead
+        (none here). Hybrid models override (Qwen3.5's gated delta-net layers give no
+        attention probabilities and take no attention mask)."""
+        return {}
+
+    def softmax_layers(self, stack: str) -> list[int]:
+        """The layers of ``stack`` whose ``.attn`` is softmax attention (probabilities to read,
+        an additive mask to block pairs): every layer, unless ``non_softmax_layers`` says
+        otherwise. Methods that read or mask attention run over these and record the others
+        (``capabilities.softmax_only``)."""
+        other = self.non_softmax_layers(stack)
+        return [i for i in range(self.num_layers(stack)) if i not in other]
+
     def num_heads(self, stack: str) -> int:
-        """Attention heads per layer of a stack such as ``"lm.layer"``."""
-        attn = self.resolve(f"{stack}[0].attn")
+        """Attention heads per (softmax-attention) layer of a stack such as ``"lm.layer"``."""
+        attn = self.resolve(f"{stack}[{(self.softmax_layers(stack) or [0])[0]}].attn")
         heads = getattr(attn, "num_heads", None) or getattr(
             getattr(attn, "config", None), "num_attention_heads", None
         )
@@ -143,6 +160,12 @@ class VLM:
     @property
     def tokenizer(self) -> Any:
         return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def final_logit_softcap(self) -> float | None:
+        """``c`` when the model soft-caps its logits after ``lm_head`` to ``c * tanh(logits /
+        c)`` (Gemma 2, as in PaliGemma 2), else None; readouts such as the logit lens apply it."""
+        return None
 
     def prepare(
         self, images: ImageLike | Sequence[ImageLike] | None, prompt: str | Sequence[str]
@@ -223,11 +246,14 @@ class VLM:
         up = keep.to(values).repeat_interleave(h, 1).repeat_interleave(w, 2).unsqueeze(1)
         return values * up + (1 - up) * fill
 
-    def image_tokens(self, value: torch.Tensor) -> torch.Tensor:
-        """``IMAGE_TOKENS_SITE``'s output as ``(all image tokens, dim)`` in span order."""
+    def image_tokens(self, value: torch.Tensor, inputs: Inputs) -> torch.Tensor:
+        """``IMAGE_TOKENS_SITE``'s output for ``inputs`` as ``(all image tokens, dim)``, in span
+        order (item by item, each span's cells in raster order)."""
         return value.reshape(-1, value.shape[-1])
 
-    def with_image_tokens(self, value: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def with_image_tokens(
+        self, value: torch.Tensor, tokens: torch.Tensor, inputs: Inputs
+    ) -> torch.Tensor:
         """Inverse of ``image_tokens``: ``value`` with its image tokens replaced."""
         return tokens.reshape(value.shape)
 
@@ -242,18 +268,41 @@ class VLM:
             out.append(tokens[-rows * cols :].reshape(rows, cols, -1))
         return out
 
+    # ----- where a dual encoder reads its towers' embeddings ------------------------------
+    def vision_pooling(self, inputs: Inputs) -> torch.Tensor:
+        """``(images, vision positions)``: the weight of each position of the vision tower's
+        last layer in the image embedding; here one-hot at the class token (CLIP). Adapters
+        that pool otherwise (SigLIP's attention probe) override."""
+        if not self.CLASS_TOKEN:
+            raise NotApplicableError(
+                f"{self.name}'s vision tower has no class token and no other pooling declared"
+            )
+        spans = self.flat_spans(inputs)
+        out = torch.zeros(len(spans), max(span.end for span in spans))
+        out[:, 0] = 1.0
+        return out
+
+    def text_pooling(self, inputs: Inputs) -> list[int]:
+        """Per text, the position its tower's embedding is read at: here the last attended
+        one (CLIP's end-of-text token; texts padded on the right)."""
+        mask = inputs.attention_mask
+        return [int(t) for t in mask.shape[1] - 1 - mask.flip(-1).argmax(-1)]
+
     # ----- helpers for subclasses --------------------------------------------------------
-    @staticmethod
     def _batch(
-        images: ImageLike | Sequence[ImageLike] | None, prompt: str | Sequence[str]
+        self, images: ImageLike | Sequence[ImageLike] | None, prompt: str | Sequence[str]
     ) -> tuple[list[list[Image.Image]], list[str]]:
-        """Normalise (images, prompt) into per-item image lists and prompts, checking them."""
+        """Normalise (images, prompt) into per-item image lists and prompts, checking them
+        (a prompt longer than the model's context is refused before any image is read)."""
+        from mmscope.core.context import check_prompts
+
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise InputError("no prompt given")
         for p in prompts:
             if not isinstance(p, str) or not p.strip():
                 raise InputError("the prompt is empty; say what to ask about the image")
+        check_prompts(self, prompts)
         if images is None:
             return [[] for _ in prompts], prompts
         if len(prompts) == 1:

@@ -10,7 +10,8 @@ with ``NotApplicableError`` naming the method, the model and the reason, before 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -53,10 +54,15 @@ class Capabilities:
 #: Each need a registered entry may declare: (test on the capabilities, what it means).
 NEEDS: dict[str, tuple[Any, str]] = {
     "generates": (lambda c: c.generates, "generates text"),
-    "contrastive": (lambda c: c.contrastive, "is a contrastive dual encoder"),
+    "contrastive": (lambda c: c.contrastive, "is a contrastive dual encoder (CLIP-style)"),
     "lm_image_tokens": (
         lambda c: c.images_in == "sequence" and c.generates,
         "has its image tokens in the language model's sequence",
+    ),
+    "image_positions": (
+        lambda c: c.images_in != "cross_attention",
+        "has its image tokens at positions of the sequence its output is read from (a "
+        "decoder's language model, a dual encoder's vision tower), not behind cross-attention",
     ),
     "lm_attention": (
         lambda c: "lm.layer" in c.attention,
@@ -137,3 +143,44 @@ def checks_needs(call: Callable[..., Any], kind: str) -> Callable[..., Any]:
 def applicability(vlm: VLM, entries: Iterable[Entry]) -> list[tuple[Entry, str | None]]:
     """Each entry with ``None`` (it applies) or the reason it does not, from declared needs."""
     return [(e, why_not(vlm, entry_needs(e), f"{e.kind} {e.key}")) for e in entries]
+
+
+def softmax_only(
+    vlm: VLM, stack: str, layers: Sequence[int], who: str
+) -> tuple[list[int], dict[str, str]]:
+    """``layers`` of ``stack`` split into those with softmax attention (kept, in order) and the
+    skipped others as ``{site: why}`` (``{"lm.layer[1]": "linear attention (...)"}``): what a
+    method that reads or masks attention probabilities over many layers runs on and records.
+    Warns once when it skips a layer; ``NotApplicableError`` when no layer is left."""
+    other = vlm.non_softmax_layers(stack)
+    if not other:
+        return list(layers), {}
+    n = vlm.num_layers(stack)
+    kept = [i for i in layers if i % n not in other]
+    skipped = {f"{stack}[{i}]": other[i % n] for i in layers if i % n in other}
+    if skipped:
+        why = "; ".join(sorted(set(skipped.values())))
+        if not kept:
+            raise NotApplicableError(
+                f"{who} reads softmax attention, and {', '.join(skipped)} of {vlm.name} have "
+                f"none ({why})"
+            )
+        warnings.warn(
+            f"{who} skips {', '.join(skipped)} of {vlm.name} ({why}) and runs on the "
+            f"softmax-attention layers {kept}",
+            stacklevel=3,
+        )
+    return kept, skipped
+
+
+def require_softmax(vlm: VLM, stack: str, layer: int, who: str) -> None:
+    """``NotApplicableError`` when a method is asked for the attention probabilities (or an
+    attention mask) of ``stack[layer]`` and that layer has no softmax attention."""
+    other = vlm.non_softmax_layers(stack)
+    n = vlm.num_layers(stack) if other else 0
+    if other and -n <= layer < n and layer % n in other:
+        raise NotApplicableError(
+            f"{who} reads the softmax attention of {stack}[{layer}], and that layer of "
+            f"{vlm.name} has none ({other[layer % n]}); its softmax-attention layers are "
+            f"{vlm.softmax_layers(stack)}"
+        )

@@ -111,11 +111,13 @@ class ClipVLM(VLM):
         # must be padded on the right (the spans below assume it too).
         self.tokenizer.padding_side = "right"
 
-    def image_tokens(self, value: torch.Tensor) -> torch.Tensor:
+    def image_tokens(self, value: torch.Tensor, inputs: Inputs) -> torch.Tensor:
         """Patch embeddings (class token dropped) as ``(all patches, dim)``."""
         return value[:, 1:].reshape(-1, value.shape[-1])
 
-    def with_image_tokens(self, value: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def with_image_tokens(
+        self, value: torch.Tensor, tokens: torch.Tensor, inputs: Inputs
+    ) -> torch.Tensor:
         patches = tokens.reshape(value.shape[0], -1, value.shape[-1])
         return torch.cat([value[:, :1], patches], dim=1)
 

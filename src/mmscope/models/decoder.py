@@ -47,6 +47,11 @@ class DecoderVLM(VLM):
     def _process(self, images: Sequence[Image.Image], texts: list[str]) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _image_runs(self, ids: torch.Tensor) -> list[tuple[int, int]]:
+        """Each image's ``[start, end)`` in one item's ids: here one run of image tokens each
+        (PaliGemma splits the one run its consecutive images make)."""
+        return image_runs(ids, self.image_token_id)
+
     def _chat_text(self, n_images: int, prompt: str, fallback: str) -> str:
         """The processor's chat template with ``n_images`` images, or ``fallback``."""
         if getattr(self.processor, "chat_template", None):
@@ -74,7 +79,7 @@ class DecoderVLM(VLM):
         k = 0
         for b, imgs in enumerate(items):
             ids = tensors["input_ids"][b]
-            runs = image_runs(ids, self.image_token_id)
+            runs = self._image_runs(ids)
             if len(runs) != len(imgs):
                 raise InputError(f"found {len(runs)} image-token runs for {len(imgs)} images")
             item_spans = []

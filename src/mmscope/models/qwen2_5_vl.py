@@ -17,9 +17,6 @@ What differs from Qwen2-VL (``models/qwen2_vl.py``), and what the rest of mmscop
   get_vision_window_index`` with the tower's settings): ``vision_grid`` maps a vision block's
   output back onto the patch grid (it assumes window order: do not pass it ``vision.embed``),
   and ``image_tokens``/``with_image_tokens`` turn the merger's rows into span order and back.
-- ``image_tokens(value)`` is not given the inputs, so the adapter remembers the window index
-  of the grids of its last ``forward``/``generate`` call (the only state it keeps between
-  calls) and checks that the value has as many rows; call it on values of that forward.
 """
 
 from __future__ import annotations
@@ -46,10 +43,6 @@ class Qwen2_5_VLVLM(Qwen2VLVLM):
     family = "qwen2_5_vl"
     ROLES = {**Qwen2VLVLM.ROLES, "vision.layer.mlp.act": _V + ".{i}.mlp.act_fn"}
     LAYER_LISTS = {"vision.layer": _V, "lm.layer": _L}
-
-    def __init__(self, model: Any, processor: Any, name: str = "") -> None:
-        super().__init__(model, processor, name)
-        self._window: torch.Tensor | None = None  # merged cells in window order, last forward
 
     @classmethod
     def load_processor(cls, source: Any, trust_remote_code: bool = False) -> Any:
@@ -90,33 +83,21 @@ class Qwen2_5_VLVLM(Qwen2VLVLM):
         restored = value[torch.argsort(order).to(value.device)]
         return super().vision_grid(restored, inputs)
 
-    def _remember(self, inputs: Inputs) -> None:
-        thw = inputs.tensors.get("image_grid_thw")
-        self._window = None if thw is None else self.window_index(thw)
-
-    def _window_for(self, value: torch.Tensor) -> torch.Tensor:
-        window = self._window
-        if window is None or window.numel() != value.shape[0]:
+    def _window_for(self, value: torch.Tensor, inputs: Inputs) -> torch.Tensor:
+        window = self.window_index(inputs.tensors["image_grid_thw"])
+        if window.numel() != value.shape[0]:
             raise InputError(
-                f"{value.shape[0]} image tokens do not match the grids of the last forward; "
-                "Qwen2.5-VL's merger rows are in window order and are put in span order with "
-                "the window index of the last vlm.forward"
+                f"{value.shape[0]} image tokens do not match the {window.numel()} merged cells "
+                "of these inputs' grids"
             )
         return window.to(value.device)
 
-    def image_tokens(self, value: torch.Tensor) -> torch.Tensor:
+    def image_tokens(self, value: torch.Tensor, inputs: Inputs) -> torch.Tensor:
         """The merger's output (window order) in span order, as the model itself restores it."""
-        return value[torch.argsort(self._window_for(value))]
+        return value[torch.argsort(self._window_for(value, inputs))]
 
-    def with_image_tokens(self, value: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def with_image_tokens(
+        self, value: torch.Tensor, tokens: torch.Tensor, inputs: Inputs
+    ) -> torch.Tensor:
         """Span-ordered ``tokens`` back in the merger's window order."""
-        return tokens[self._window_for(value)].reshape(value.shape)
-
-    # ----- running ------------------------------------------------------------------------
-    def forward(self, inputs: Inputs, **kwargs: Any) -> Any:
-        self._remember(inputs)
-        return super().forward(inputs, **kwargs)
-
-    def generate(self, inputs: Inputs, max_new_tokens: int = 24, **kwargs: Any) -> list[str]:
-        self._remember(inputs)
-        return super().generate(inputs, max_new_tokens, **kwargs)
+        return tokens[self._window_for(value, inputs)].reshape(value.shape)

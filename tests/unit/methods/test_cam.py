@@ -218,9 +218,10 @@ def test_runs_on_every_architecture(method, any_vlm, images):
     e = method()(vlm, inputs, target)
     assert model_state(vlm.model) == before
     ((scores,),) = e.image_scores
-    grid = inputs.image_spans[0][0].grid
-    factor = 2 if vlm.family == "qwen2_vl" else 1  # the vision grid: unmerged patches
-    assert scores.shape == (1, grid[0] * factor, grid[1] * factor)
+    with torch.no_grad(), capture(vlm, vlm.CAM_SITE) as cap:  # CAMs map the tower's own grid
+        vlm.forward(inputs)
+    rows, cols = vlm.vision_grid(cap[vlm.CAM_SITE], inputs)[0].shape[:2]
+    assert scores.shape == (1, rows, cols)
     assert np.isfinite(scores).all() and (scores >= 0).all()
     assert e.text_scores[0].shape == (1, len(inputs.prompt_tokens[0]))
     assert not e.text_scores[0].any()

@@ -97,7 +97,8 @@ def test_integrated_gradients_agree_with_captum(any_vlm, image):
 def test_integrated_gradients_complete_on_every_architecture(any_vlm, image):
     vlm = any_vlm
     inputs = vlm.prepare(image, "a red circle" if vlm.contrastive else PROMPT)
-    exp = IntegratedGradients(steps=64)(vlm, inputs)
+    # 256 steps: the random Gemma 3's SigLIP path is curved enough that 64 leave a 23% gap
+    exp = IntegratedGradients(steps=256)(vlm, inputs)
     gap, delta = exp.extras["completeness_gap"][0][0], exp.extras["delta"][0][0]
     total = sum(float(m.sum()) for m in exp.image_scores[0]) + float(exp.text_scores[0].sum())
     assert total - delta == pytest.approx(gap, abs=1e-5)

@@ -265,7 +265,11 @@ def test_runs_on_every_architecture(any_vlm, images, preset):
     if preset != "head":
         span = result.image_spans[0][0]
         assert result.image_effect(0).shape == span.grid
-        assert result.mass_inside(np.ones(span.grid, bool)) == pytest.approx(1.0)
+        mass = result.mass_inside(np.ones(span.grid, bool))
+        if result.image_effect(0).any():
+            assert mass == pytest.approx(1.0)
+        else:  # nothing restored anything at the image (tiny Qwen2.5-VL's attention): no mass
+            assert np.isnan(mass)
 
 
 def _answered(vlm, n, gap=0.3):

@@ -155,12 +155,12 @@ def test_image_tokens_are_in_span_order(vlm, inputs):
             inputs.pixel_values, inputs.tensors["image_grid_thw"]
         ).pooler_output
     merger = cap["projector"]
-    tokens = vlm.image_tokens(merger)
+    tokens = vlm.image_tokens(merger, inputs)
     assert torch.equal(tokens, torch.cat(features))
     assert not torch.equal(tokens, merger)
-    assert torch.equal(vlm.with_image_tokens(merger, tokens), merger)
-    with pytest.raises(InputError, match="window order"):
-        vlm.image_tokens(merger[:-1])
+    assert torch.equal(vlm.with_image_tokens(merger, tokens, inputs), merger)
+    with pytest.raises(InputError, match="merged cells"):
+        vlm.image_tokens(merger[:-1], inputs)
 
 
 def test_one_merged_cell_maps_to_exactly_its_token(vlm, inputs):
@@ -187,9 +187,9 @@ def test_one_merged_cell_maps_to_exactly_its_token(vlm, inputs):
         return seen[0]
 
     def zero_cell(value: torch.Tensor) -> torch.Tensor:
-        tokens = vlm.image_tokens(value).clone()
+        tokens = vlm.image_tokens(value, inputs).clone()
         tokens[9 + 2] = 0.0  # image 2's third token: cell (0, 2)
-        return vlm.with_image_tokens(value, tokens)
+        return vlm.with_image_tokens(value, tokens, inputs)
 
     clean, edited = embeds({}), embeds({"projector": zero_cell})
     diff = (clean != edited).any(-1)

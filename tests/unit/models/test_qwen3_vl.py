@@ -128,9 +128,9 @@ def test_one_hot_patch_and_one_merged_cell(vlm, inputs):
     assert changed == [24 + 2 * 4 + k for k in range(4)]
 
     def zero_token(value: torch.Tensor) -> torch.Tensor:
-        tokens = vlm.image_tokens(value).clone()
+        tokens = vlm.image_tokens(value, inputs).clone()
         tokens[6 + 2] = 0.0
-        return vlm.with_image_tokens(value, tokens)
+        return vlm.with_image_tokens(value, tokens, inputs)
 
     clean = _layer_inputs(vlm, inputs, {})
     edited = _layer_inputs(vlm, inputs, {"projector": zero_token})

@@ -6,12 +6,21 @@ position of the sequence. The rows are split into one grid per image and one sco
 token. Decoders (LLaVA, Qwen2-VL) read the language model's layers at ``bound.positions[k]``
 (averaged over them). CLIP reads the vision tower at the class token (row 0) over its patches,
 and the text tower at the end-of-text row (the last non-pad position) over the prompt tokens;
-one text shared by several images is repeated so that every image has its own copy.
+one text shared by several images is repeated so that every image has its own copy. A tower
+without a class token (SigLIP) takes as its query row the weights its attention-pooling probe
+gives the last layer's patches (``vlm.vision_pooling``), and its text row where it pools
+(``vlm.text_pooling``: SigLIP's last position).
 
 ``extras`` per item and output: ``image_mass`` and ``prompt_mass`` (the row's sum over the
 image tokens and over the prompt tokens) and ``total`` (its sum over the whole sequence; CLIP:
 the vision tower's). Outputs past an item's own count (``Generated`` answers of different
 lengths in one batch) are zero. Padded keys get no attention, hence no relevance.
+
+Hybrid models (Qwen3.5: gated delta-net layers between the softmax ones) give probabilities at
+their softmax-attention layers only (``vlm.softmax_layers``): the methods run over those, with a
+warning, and ``extras["skipped_layers"]`` maps each skipped layer's site to why (the key is left
+out where nothing is skipped); a ``layer`` that has no softmax attention raises
+``NotApplicableError``.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from mmscope.core.targets import BoundTarget
 from mmscope.core.validate import integer, positive_int
 from mmscope.methods.attribution.base import Attribution, Maps, prompt_rows
 from mmscope.methods.attribution.gradients import batched_grads
+from mmscope.models.capabilities import require_softmax, softmax_only
 
 if TYPE_CHECKING:
     from mmscope.models.base import VLM
@@ -41,10 +51,14 @@ FUSIONS = ("mean", "max", "min")
 @dataclass(frozen=True)
 class Side:
     """One attention stack and its query rows: ``query`` ``(k, batch, T)``, each row the mean
-    of the one-hots of the output's query positions (zero for an item's missing outputs)."""
+    of the one-hots of the output's query positions (zero for an item's missing outputs), or
+    the weights an attention-pooled embedding gives the positions (SigLIP's probe). ``pooled``:
+    the query is spread over the explained tokens themselves, so relevance keeps the identity
+    (the tokens the probe reads are relevant through their residual stream)."""
 
     stack: str
     query: torch.Tensor
+    pooled: bool = False
 
 
 def _check_head(head: int | str) -> int | str:
@@ -71,12 +85,13 @@ def plan(vlm: VLM, bound: BoundTarget) -> tuple[Inputs, list[Side]]:
     inputs, k = bound.inputs, bound.k
     valid = [[j < len(labels) for labels in bound.labels] for j in range(k)]
     if vlm.contrastive:
-        mask = inputs.attention_mask
-        last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # last non-pad position
-        n_vision = max(span.end for span in vlm.flat_spans(inputs))  # class token + patches
+        # where each tower's embedding is read: CLIP's class token and end-of-text token;
+        # SigLIP's attention probe over the patches and its last text position
+        vision = vlm.vision_pooling(inputs)
+        text: list[list[tuple[int, ...]]] = [[(t,) for t in vlm.text_pooling(inputs)]] * k
         sides = [
-            Side("vision.layer", _one_hot([[(0,)] * inputs.batch_size] * k, n_vision)),
-            Side("text.layer", _one_hot([[(int(t),) for t in last]] * k, mask.shape[1])),
+            Side("vision.layer", vision.expand(k, *vision.shape).clone(), not vlm.CLASS_TOKEN),
+            Side("text.layer", _one_hot(text, inputs.input_ids.shape[1])),
         ]
     else:
         if len(bound.positions) != k or not all(bound.positions):
@@ -91,7 +106,8 @@ def plan(vlm: VLM, bound: BoundTarget) -> tuple[Inputs, list[Side]]:
     return inputs, sides
 
 
-def _layers(vlm: VLM, stack: str, layer: int | str, start: int = 0) -> list[int]:
+def _wanted(vlm: VLM, stack: str, layer: int | str, start: int = 0) -> list[int]:
+    """The layers a setting names: ``"all"`` from ``start`` on, ``"mean"`` all, or one."""
     n = vlm.num_layers(stack)
     if layer == "all":
         if not 0 <= start < n:
@@ -105,6 +121,26 @@ def _layers(vlm: VLM, stack: str, layer: int | str, start: int = 0) -> list[int]
     return [index % n]
 
 
+def _layers(vlm: VLM, stack: str, layer: int | str, start: int, who: str) -> list[int]:
+    """The softmax-attention layers of ``_wanted`` (warning when some are skipped); one named
+    layer without softmax attention raises ``NotApplicableError``."""
+    if not isinstance(layer, str):
+        require_softmax(vlm, stack, integer("layer", layer), who)
+    return softmax_only(vlm, stack, _wanted(vlm, stack, layer, start), who)[0]
+
+
+def _skipped(vlm: VLM, bound: BoundTarget, layer: int | str, start: int = 0) -> dict[str, str]:
+    """``{site: why}`` of the layers ``_layers`` skips on every stack the method reads."""
+    out: dict[str, str] = {}
+    if not any(vlm.non_softmax_layers(stack) for stack in vlm.LAYER_LISTS):
+        return out
+    for side in plan(vlm, bound)[1]:
+        other = vlm.non_softmax_layers(side.stack)
+        wanted = _wanted(vlm, side.stack, layer, start) if other else []
+        out.update({f"{side.stack}[{i}]": other[i] for i in wanted if i in other})
+    return out
+
+
 def _sites(stack: str, layers: list[int]) -> list[str]:
     return [f"{stack}[{i}].attn.probs" for i in layers]
 
@@ -113,7 +149,7 @@ def _heads_ok(vlm: VLM, stack: str, head: int | str) -> None:
     """Raise before any forward when an integer head is out of range."""
     if isinstance(head, str):
         return
-    module = vlm.resolve(f"{stack}[0].attn")
+    module = vlm.resolve(f"{stack}[{(vlm.softmax_layers(stack) or [0])[0]}].attn")
     n = getattr(module, "num_heads", None) or getattr(
         getattr(module, "config", None), "num_attention_heads", None
     )
@@ -148,7 +184,7 @@ def split(vlm: VLM, bound: BoundTarget, text_inputs: Inputs, rows: list[torch.Te
     k = image_rows.shape[0]
     image, image_mass = [], []
     for b, item in enumerate(bound.inputs.image_spans):
-        grids = [image_rows[:, b, s.start : s.end].reshape(k, *s.grid) for s in item]
+        grids = [image_rows[:, b, list(s.positions)].reshape(k, *s.grid) for s in item]
         image.extend(grids)
         image_mass.append(sum((g.sum((-2, -1)) for g in grids), image_rows.new_zeros(k)).tolist())
     text = prompt_rows(text_inputs, text_rows)
@@ -170,17 +206,32 @@ class QueryRows(Attribution):
         """The inputs run (CLIP: texts paired) and each side's rows ``(k, batch, T)``."""
         raise NotImplementedError
 
+    def skipped(self, vlm: VLM, bound: BoundTarget) -> dict[str, str]:
+        """The layers the settings cover that have no softmax attention: ``{site: why}``."""
+        return {}
+
     def attribute(self, vlm: VLM, bound: BoundTarget) -> Maps:
         inputs, rows = self.rows(vlm, bound)
-        return split(vlm, bound, inputs, rows)
+        maps = split(vlm, bound, inputs, rows)
+        skipped = self.skipped(vlm, bound)
+        if skipped:
+            maps.extras["skipped_layers"] = skipped
+        return maps
 
 
-@register("raw_attention", family=FAMILY, paper="Clark et al. 2019", level=LEVEL)
+@register(
+    "raw_attention",
+    family=FAMILY,
+    paper="Clark et al. 2019",
+    level=LEVEL,
+    needs=("image_positions",),
+)
 class RawAttention(QueryRows):
     """The attention probabilities from the output's query row(s) to every image patch token
     and prompt token, at one ``layer`` (or the ``"mean"`` over layers), for one ``head`` (or the
     heads' ``"mean"``/``"max"``/``"min"``) (as read in Clark et al. 2019, "What does BERT look
-    at?"). No gradient; the same for every target with the same query positions.
+    at?"). No gradient; the same for every target with the same query positions. On a hybrid
+    model ``"mean"`` is the mean over the softmax-attention layers.
     """
 
     def __init__(self, layer: int | str = -1, head: int | str = "mean") -> None:
@@ -190,7 +241,7 @@ class RawAttention(QueryRows):
 
     def rows(self, vlm: VLM, bound: BoundTarget) -> tuple[Inputs, list[torch.Tensor]]:
         inputs, sides = plan(vlm, bound)
-        layers = {s.stack: _layers(vlm, s.stack, self.layer) for s in sides}
+        layers = {s.stack: _layers(vlm, s.stack, self.layer, 0, "raw_attention") for s in sides}
         for side in sides:
             _heads_ok(vlm, side.stack, self.head)
         probs = _probs(vlm, inputs, [x for s in sides for x in _sites(s.stack, layers[s.stack])])
@@ -201,8 +252,17 @@ class RawAttention(QueryRows):
             rows.append(torch.einsum("kbt,bts->kbs", side.query.to(mean), mean))
         return inputs, rows
 
+    def skipped(self, vlm: VLM, bound: BoundTarget) -> dict[str, str]:
+        return _skipped(vlm, bound, self.layer)
 
-@register("attention_rollout", family=FAMILY, paper="Abnar & Zuidema 2020", level=LEVEL)
+
+@register(
+    "attention_rollout",
+    family=FAMILY,
+    paper="Abnar & Zuidema 2020",
+    level=LEVEL,
+    needs=("image_positions",),
+)
 class AttentionRollout(QueryRows):
     """Attention rollout (Abnar & Zuidema 2020, "Quantifying attention flow in transformers").
 
@@ -210,6 +270,11 @@ class AttentionRollout(QueryRows):
     heads' ``head`` fusion (the paper: mean; ``max``/``min`` as in jacobgil/vit-explain), layers
     from ``start_layer`` on. The query rows are computed as q M_L ... M_1 from the last layer
     down (the same numbers as R's rows, without the T x T product); each sums to 1.
+
+    Hybrid models: a layer without softmax attention (Qwen3.5's gated delta net) has no A_l
+    and is skipped, M_l = I: the rollout follows the residual path alone through it, so the
+    token mixing that the linear layer does is not traced (the map is the flow through the
+    softmax-attention layers only). ``extras["skipped_layers"]`` names those layers.
     """
 
     def __init__(
@@ -223,7 +288,10 @@ class AttentionRollout(QueryRows):
 
     def rows(self, vlm: VLM, bound: BoundTarget) -> tuple[Inputs, list[torch.Tensor]]:
         inputs, sides = plan(vlm, bound)
-        layers = {s.stack: _layers(vlm, s.stack, "all", self.start_layer) for s in sides}
+        layers = {
+            s.stack: _layers(vlm, s.stack, "all", self.start_layer, "attention_rollout")
+            for s in sides
+        }
         for side in sides:
             _heads_ok(vlm, side.stack, self.head)
         probs = _probs(vlm, inputs, [x for s in sides for x in _sites(s.stack, layers[s.stack])])
@@ -237,13 +305,22 @@ class AttentionRollout(QueryRows):
             rows.append(r)
         return inputs, rows
 
+    def skipped(self, vlm: VLM, bound: BoundTarget) -> dict[str, str]:
+        return _skipped(vlm, bound, "all", self.start_layer)
+
 
 def _leaf(out: torch.Tensor) -> torch.Tensor:
     """Make the embeddings require grad (so every attention map does, frozen weights or not)."""
     return out if out.requires_grad else out.detach().requires_grad_(True)
 
 
-@register("chefer_relevance", family=FAMILY, paper="Chefer et al. 2021", level=LEVEL)
+@register(
+    "chefer_relevance",
+    family=FAMILY,
+    paper="Chefer et al. 2021",
+    level=LEVEL,
+    needs=("image_positions",),
+)
 class CheferRelevance(QueryRows):
     """Generic attention-model relevance (Chefer et al. 2021, "Generic attention-model
     explainability for interpreting bi-modal and encoder-decoder transformers"), self-attention
@@ -257,6 +334,11 @@ class CheferRelevance(QueryRows):
     last layer down (equal to q R, as R = (I + Abar_L) ... (I + Abar_1)), freeing each layer's
     dA once used: only the (k, batch, T) rows are kept, never a T x T matrix per layer; the
     attention maps themselves live once, in the forward's graph.
+
+    Hybrid models: a layer without softmax attention (Qwen3.5's gated delta net) has no A_l
+    and is skipped, R unchanged through it (the residual path only): its own token mixing is
+    not propagated, while dA_l of the softmax layers, being true gradients, still carry the
+    effect of every later layer, linear ones included. ``extras["skipped_layers"]`` names them.
     """
 
     def __init__(self, start_layer: int = 0, outputs_per_pass: int = 8) -> None:
@@ -269,7 +351,10 @@ class CheferRelevance(QueryRows):
         """The relevance rows; the attention gradients of ``outputs_per_pass`` outputs at a
         time (one batched backward each), so their memory does not grow with the outputs."""
         inputs, sides = plan(vlm, bound)
-        per_side = [_sites(s.stack, _layers(vlm, s.stack, "all", self.start_layer)) for s in sides]
+        per_side = [
+            _sites(s.stack, _layers(vlm, s.stack, "all", self.start_layer, "chefer_relevance"))
+            for s in sides
+        ]
         sites = [x for xs in per_side for x in xs]
         embeds = [vlm.TEXT_EMBED_SITE] + ([vlm.IMAGE_TOKENS_SITE] if vlm.contrastive else [])
         leaves = patch(vlm, {e: _leaf for e in embeds})
@@ -282,6 +367,9 @@ class CheferRelevance(QueryRows):
                 grads: list[torch.Tensor | None] = list(batched_grads(scores[:, part], maps))
                 chunks.append(_fold(vlm, sides, per_side, maps, grads, part))
         return inputs, [torch.cat(side_rows) for side_rows in zip(*chunks)]
+
+    def skipped(self, vlm: VLM, bound: BoundTarget) -> dict[str, str]:
+        return _skipped(vlm, bound, "all", self.start_layer)
 
 
 def _fold(
@@ -303,6 +391,6 @@ def _fold(
                 continue
             abar = (g.float() * maps[i].detach().float()).clamp(min=0).mean(2)  # (k, b, T, T)
             r = r + torch.einsum("kbt,kbts->kbs", r, abar)
-        rows.append(r - q)
+        rows.append(r if side.pooled else r - q)
         offset += len(xs)
     return rows

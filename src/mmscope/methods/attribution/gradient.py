@@ -171,7 +171,7 @@ class IntegratedGradients(Attribution):
         other = replace(inputs, tensors={**inputs.tensors, "pixel_values": pixels})
         with torch.no_grad(), capture(vlm, vlm.IMAGE_TOKENS_SITE) as cap:
             vlm.forward(other)
-        return vlm.image_tokens(cap[vlm.IMAGE_TOKENS_SITE]).to(x)
+        return vlm.image_tokens(cap[vlm.IMAGE_TOKENS_SITE], other).to(x)
 
 
 def _baseline_image(image: Image.Image, kind: str) -> Image.Image:
@@ -198,7 +198,7 @@ def _clean_features(
         f_x = bound(vlm.forward(bound.inputs)).float()
     text = cap[vlm.TEXT_EMBED_SITE].float().cpu()
     if space == "tokens":
-        image = vlm.image_tokens(cap[vlm.IMAGE_TOKENS_SITE]).float().cpu()
+        image = vlm.image_tokens(cap[vlm.IMAGE_TOKENS_SITE], bound.inputs).float().cpu()
     else:
         image = bound.inputs.pixel_values.float().cpu()
     return image, text, f_x.cpu()
@@ -216,7 +216,9 @@ def _scores_at(
     """Target scores with the image features set to ``image`` and the prompt zeroed."""
     hooks = {vlm.TEXT_EMBED_SITE: lambda out: out * (1 - prompt.to(out))}
     if space == "tokens":
-        hooks[vlm.IMAGE_TOKENS_SITE] = lambda out: vlm.with_image_tokens(out, image.to(out))
+        hooks[vlm.IMAGE_TOKENS_SITE] = lambda out: vlm.with_image_tokens(
+            out, image.to(out), inputs
+        )
     else:
         pixels = image.to(inputs.pixel_values)
         inputs = replace(inputs, tensors={**inputs.tensors, "pixel_values": pixels})
@@ -247,8 +249,8 @@ class SmoothGrad(Attribution):
             raise InputError("SmoothGrad needs samples >= 1 and noise >= 0")
         self.method, self.samples, self.noise, self.seed = method, int(samples), noise, seed
         self.inner_settings = dict(settings)
-        try:
-            self._inner: Attribution = entry.obj(**settings)
+        try:  # through the registry: the inner method's settings are checked too
+            self._inner: Attribution = REGISTRY.make(method, **settings)
         except TypeError as err:
             raise InputError(f"SmoothGrad over {method}: {err}") from None
 

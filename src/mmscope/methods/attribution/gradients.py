@@ -69,7 +69,8 @@ def gradients(
     ``image_edit`` and ``text_edit`` map the clean features to the point where the gradient is
     taken (an integrated-gradients step, a noisy copy); the gradient is at the edited point.
     """
-    inputs = inputs if inputs is not None else bound.inputs
+    run: Inputs = inputs if inputs is not None else bound.inputs
+    inputs = run
     leaves: dict[str, torch.Tensor] = {}
 
     def text_hook(out: torch.Tensor) -> torch.Tensor:
@@ -77,8 +78,8 @@ def gradients(
         return leaves["text"].to(out.dtype)
 
     def token_hook(out: torch.Tensor) -> torch.Tensor:
-        leaves["image"] = _leaf(vlm.image_tokens(out), image_edit)
-        return vlm.with_image_tokens(out.detach(), leaves["image"].to(out.dtype))
+        leaves["image"] = _leaf(vlm.image_tokens(out, run), image_edit)
+        return vlm.with_image_tokens(out.detach(), leaves["image"].to(out.dtype), run)
 
     hooks = {vlm.TEXT_EMBED_SITE: text_hook}
     if check_space(space) == "tokens":

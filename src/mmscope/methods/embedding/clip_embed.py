@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mmscope.core.errors import InputError, NotApplicableError
+from mmscope.models.capabilities import require
 
 if TYPE_CHECKING:
     from mmscope.models.base import VLM
@@ -32,11 +33,19 @@ def present_concepts(
 
 
 def needs_clip(vlm: VLM, method: str) -> None:
-    """Raise ``NotApplicableError`` unless ``vlm`` is a CLIP-style dual encoder."""
-    if not vlm.contrastive:
+    """Raise ``NotApplicableError`` unless ``vlm`` is a CLIP-style dual encoder (for the public
+    functions; the registered studies declare it)."""
+    require(vlm, ("contrastive",), f"{method} (a CLIP-style image embedding)")
+
+
+def needs_class_token(vlm: VLM, method: str) -> None:
+    """Raise ``NotApplicableError`` unless ``vlm``'s image embedding is its vision tower's class
+    token through a norm and a linear projection (CLIP's; not SigLIP's attention pooling)."""
+    require(vlm, ("contrastive", "class_token"), method)
+    if "vision.proj" not in vlm.ROLES:
         raise NotApplicableError(
-            f"{method} decomposes a CLIP-style image embedding; {vlm.name} is a decoder with "
-            "no joint image-text embedding space"
+            f"{method} splits a class token's residual stream linearly through the visual "
+            f"projection; {vlm.name}'s vision tower has no linear projection (vision.proj)"
         )
 
 

@@ -174,6 +174,7 @@ class SpliceResult(Result):
     family="embedding/concept",
     paper="Bhalla et al. 2024",
     level="model/embedding",
+    needs=("contrastive",),
 )
 class Splice(Study):
     """SpLiCE over the items' images (Bhalla et al. 2024).

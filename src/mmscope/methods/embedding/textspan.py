@@ -26,7 +26,7 @@ from mmscope.core.registry import register
 from mmscope.core.validate import positive_int
 from mmscope.methods.analysis import Result, jsonable, new_figure
 from mmscope.methods.embedding.clip_embed import (
-    needs_clip,
+    needs_class_token,
     present_concepts,
     spelled,
     text_embeddings,
@@ -180,6 +180,7 @@ def _ablations(parts: Decomposition, first: int) -> list[tuple[str, np.ndarray]]
     family="embedding/decomposition",
     paper="Gandelsman et al. 2024",
     level="model/embedding",
+    needs=("contrastive", "class_token"),
 )
 class TextSpan(Study):
     """TextSpan over the items' images (Gandelsman et al. 2024).
@@ -232,7 +233,7 @@ class TextSpan(Study):
         """``present``: per item, the concepts in its image (by default read from the items'
         world scenes); a prediction is then right when it
         names an object present, else when it is the item's own prompt."""
-        needs_clip(vlm, "textspan")
+        needs_class_token(vlm, "textspan")
         if len(items) < 2:
             raise InputError("textspan centres contributions over images: give >= 2 items")
         sets = present_concepts(items, present)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mmscope.core.hooks import capture
+from mmscope.methods.embedding.clip_embed import needs_class_token
 
 if TYPE_CHECKING:
     from mmscope.models.base import VLM
@@ -101,6 +102,7 @@ def _head_split(out_proj: torch.nn.Module, x: torch.Tensor, heads: int) -> torch
 def decompose(vlm: VLM, pixel_values: torch.Tensor) -> Decomposition:
     """Direct contributions of every head, MLP and the embeddings to each image's embedding
     (``get_image_features``), from one forward."""
+    needs_class_token(vlm, "the TextSpan decomposition")
     n = vlm.num_layers("vision.layer")
     heads = vlm.num_heads("vision.layer")
     sites = [f"vision.layer[{i}]{s}" for i in range(n) for s in (".attn.heads", ".attn", ".mlp")]
@@ -133,6 +135,7 @@ def token_contributions(vlm: VLM, pixel_values: torch.Tensor, layer: int) -> np.
     """``(images, heads, tokens, d)``: each head of ``layer`` split over the tokens its class
     token reads (probability times the token's value through the head's output projection);
     summed over tokens it is ``decompose(...).heads[:, layer]``."""
+    needs_class_token(vlm, "the TextSpan decomposition")
     n = vlm.num_layers("vision.layer")
     heads = vlm.num_heads("vision.layer")
     layer = layer % n

@@ -7,12 +7,16 @@ tiled and each tiled row masks its own head. The gradient variant multiplies a h
 ones into every ``.heads`` site and reads ``|d target / d mask|`` per item (Michel's expected
 absolute gradient is its mean over items). The top heads' attention over the image grid is
 kept for plotting.
+
+Hybrid models (Qwen3.5): only softmax-attention layers have ``.attn.heads``; the other layers
+(gated delta nets) are skipped, with a warning: their importance is NaN and ``skipped_layers``
+says why.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -27,6 +31,7 @@ from mmscope.core.targets import BoundTarget, Target
 from mmscope.core.validate import positive_int
 from mmscope.methods.analysis import KIND, Analysis, Result, bind, jsonable, new_figure, run_scores
 from mmscope.models.base import VLM
+from mmscope.models.capabilities import softmax_only
 
 Head = tuple[str, int, int]
 PatchFn = Callable[[torch.Tensor], torch.Tensor]
@@ -37,7 +42,9 @@ FILLS = ("zero", "mean")
 @dataclass(frozen=True, eq=False)
 class HeadPattern:
     """One head's attention over each item's first image grid (``None``: no image), read from
-    ``query``: the target's position in the language model, the class token in a vision tower."""
+    ``query``: the target's position in the language model; in a vision tower its class token,
+    the pooling weights of a dual encoder without one (``"pooling"``: SigLIP's probe), or else
+    the mean over the patches' rows (``"mean"``)."""
 
     stack: str
     layer: int
@@ -52,12 +59,14 @@ class HeadResult(Result):
 
     Attributes:
         importance: stack -> ``(items, layers, heads)``: the drop ``clean - masked`` of the
-            target (ablation) or ``|d target / d head mask|`` (gradient).
+            target (ablation) or ``|d target / d head mask|`` (gradient); NaN for a layer
+            without softmax attention.
         clean: ``(items,)`` the target's score on the unmasked model.
         method: ``"ablation"`` or ``"gradient"``; fill: ``"zero"`` or ``"mean"``.
         labels: per item, what the target scores.
         patterns: the top heads' attention (see ``HeadPattern``).
         notes: what was left out and why.
+        skipped_layers: ``{site: why}`` of the layers without softmax attention heads.
     """
 
     importance: dict[str, np.ndarray]
@@ -67,13 +76,15 @@ class HeadResult(Result):
     labels: tuple[str, ...]
     patterns: tuple[HeadPattern, ...] = ()
     notes: tuple[str, ...] = ()
+    skipped_layers: dict[str, str] = field(default_factory=dict)
 
     def top_heads(self, k: int = 5) -> list[tuple[str, int, int, float]]:
         """The ``k`` heads of largest mean importance over items: (stack, layer, head, mean)."""
         rows = [
             (stack, int(layer), int(head), float(value))
             for stack, imp in self.importance.items()
-            for (layer, head), value in np.ndenumerate(np.nanmean(imp, axis=0))
+            for (layer, head), value in np.ndenumerate(_mean(imp))
+            if not np.isnan(value)
         ]
         return sorted(rows, key=lambda r: -r[3])[:k]
 
@@ -87,6 +98,7 @@ class HeadResult(Result):
                 "top_heads": [list(row) for row in self.top_heads()],
                 "patterns": pats,
                 "notes": list(self.notes),
+                **({"skipped_layers": self.skipped_layers} if self.skipped_layers else {}),
             }
         )
 
@@ -113,7 +125,7 @@ class HeadResult(Result):
     def _heat(self, ax: Any, stack: str) -> Any:
         from matplotlib.ticker import MaxNLocator
 
-        mean = np.nanmean(self.importance[stack], axis=0)
+        mean = _mean(self.importance[stack])
         drawn = ax.imshow(mean, aspect="auto", origin="lower")
         for axis in (ax.xaxis, ax.yaxis):
             axis.set_major_locator(MaxNLocator(integer=True))
@@ -122,6 +134,23 @@ class HeadResult(Result):
         ax.set_title(f"{stack}: {self.method}", fontsize=8)
         ax.figure.colorbar(drawn, ax=ax)
         return ax.figure
+
+
+def _mean(imp: np.ndarray) -> np.ndarray:
+    """Mean over items, ignoring NaN (NaN where every item is NaN: a skipped layer)."""
+    have = ~np.isnan(imp)
+    total = np.where(have, imp, 0.0).sum(0)
+    count = have.sum(0)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def _layers(vlm: VLM, stacks: Sequence[str]) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """Per stack the layers with softmax attention heads, and the skipped ones with why."""
+    out, skipped = {}, {}
+    for s in stacks:
+        out[s], why = softmax_only(vlm, s, range(vlm.num_layers(s)), "head_importance")
+        skipped.update(why)
+    return out, skipped
 
 
 def _groups(vlm: VLM, inputs: Inputs, stack: str, value: torch.Tensor) -> torch.Tensor:
@@ -222,18 +251,21 @@ class HeadImportance(Analysis):
 
     def __call__(self, vlm: VLM, inputs: Inputs, target: Target | None = None) -> HeadResult:
         stacks, notes = self._stacks(vlm, inputs)
-        sites = [f"{s}[{i}].attn.heads" for s in stacks for i in range(vlm.num_layers(s))]
+        layers, skipped = _layers(vlm, stacks)
+        sites = [f"{s}[{i}].attn.heads" for s in stacks for i in layers[s]]
         with preserved(vlm.model):
             bound = bind(vlm, inputs, target)
             with capture(vlm, sites if self.fill == "mean" else []) as cap:
                 clean = run_scores(vlm, bound)
             means = {x: _group_means(vlm, bound.inputs, x.split("[")[0], cap[x]) for x in cap}
             if self.method == "gradient":
-                imp = _gradients(vlm, bound, stacks)
+                imp = _gradients(vlm, bound, stacks, layers)
             else:
-                imp = self._ablate(vlm, bound, stacks, clean, means)
+                imp = self._ablate(vlm, bound, stacks, clean, means, layers)
             labels = tuple(lab[0] for lab in bound.labels)
-            result = HeadResult(imp, clean.numpy(), self.method, self.fill, labels, (), notes)
+            result = HeadResult(
+                imp, clean.numpy(), self.method, self.fill, labels, (), notes, skipped
+            )
             patterns = _patterns(vlm, bound, [r[:3] for r in result.top_heads(self.top)])
         return replace(result, patterns=patterns)
 
@@ -260,10 +292,16 @@ class HeadImportance(Analysis):
         stacks: list[str],
         clean: torch.Tensor,
         means: dict[str, torch.Tensor],
+        layers: dict[str, list[int]],
     ) -> dict[str, np.ndarray]:
         batch = bound.inputs.batch_size
-        imp = {s: np.zeros((batch, vlm.num_layers(s), vlm.num_heads(s))) for s in stacks}
-        jobs = [(s, layer, h) for s in stacks for layer, h in np.ndindex(imp[s].shape[1:])]
+        imp = {s: np.full((batch, vlm.num_layers(s), vlm.num_heads(s)), np.nan) for s in stacks}
+        jobs = [
+            (s, layer, h)
+            for s in stacks
+            for layer, h in np.ndindex(imp[s].shape[1:])
+            if layer in layers[s]
+        ]
         per_forward = max(1, self.batch_size // batch)
         for first in range(0, len(jobs), per_forward):
             chunk = jobs[first : first + per_forward]
@@ -286,13 +324,16 @@ class HeadImportance(Analysis):
         return imp
 
 
-def _gradients(vlm: VLM, bound: BoundTarget, stacks: list[str]) -> dict[str, np.ndarray]:
-    """``|d target / d mask|`` per item, layer and head (a mask of ones scales each head)."""
+def _gradients(
+    vlm: VLM, bound: BoundTarget, stacks: list[str], layers: dict[str, list[int]]
+) -> dict[str, np.ndarray]:
+    """``|d target / d mask|`` per item, layer and head (a mask of ones scales each head;
+    NaN at the layers without softmax attention)."""
     batch = bound.inputs.batch_size
     masks = {
         f"{s}[{i}].attn.heads": torch.ones(batch, vlm.num_heads(s), requires_grad=True)
         for s in stacks
-        for i in range(vlm.num_layers(s))
+        for i in layers[s]
     }
     fns = {x: _head_fn(vlm, bound.inputs, x.split("[")[0], m) for x, m in masks.items()}
     with torch.enable_grad(), patch(vlm, fns):
@@ -301,8 +342,12 @@ def _gradients(vlm: VLM, bound: BoundTarget, stacks: list[str]) -> dict[str, np.
     got = {
         x: torch.zeros_like(m) if g is None else g.abs() for (x, m), g in zip(masks.items(), grads)
     }
-    layers = {s: [got[f"{s}[{i}].attn.heads"] for i in range(vlm.num_layers(s))] for s in stacks}
-    return {s: torch.stack(g, 1).detach().cpu().numpy() for s, g in layers.items()}
+    nan = {s: torch.full((batch, vlm.num_heads(s)), float("nan")) for s in stacks}
+    per_layer = {
+        s: [got.get(f"{s}[{i}].attn.heads", nan[s]) for i in range(vlm.num_layers(s))]
+        for s in stacks
+    }
+    return {s: torch.stack(g, 1).detach().cpu().numpy() for s, g in per_layer.items()}
 
 
 def _patterns(vlm: VLM, bound: BoundTarget, heads: list[Head]) -> tuple[HeadPattern, ...]:
@@ -318,6 +363,12 @@ def _patterns(vlm: VLM, bound: BoundTarget, heads: list[Head]) -> tuple[HeadPatt
     for i, b in enumerate(_group_rows(inputs, "vision.layer").tolist()):
         first_image.setdefault(b, i)
     q = bound.positions[0][-1] if bound.positions else inputs.input_ids.shape[1] - 1
+    # a vision tower's query: its class token, else the pooling weights of a dual encoder's
+    # image embedding (SigLIP's probe), else the mean over the patches' own rows
+    pooled = None
+    if not vlm.CLASS_TOKEN and vlm.contrastive and any(s != "lm.layer" for s, _, _ in kept):
+        pooled = vlm.vision_pooling(inputs)
+    vision_query = "class token" if vlm.CLASS_TOKEN else "pooling" if pooled is not None else "mean"
     out = []
     for s, layer, h in kept:
         probs = cap[f"{s}[{layer}].attn.probs"].float().cpu()
@@ -326,11 +377,16 @@ def _patterns(vlm: VLM, bound: BoundTarget, heads: list[Head]) -> tuple[HeadPatt
             rows, cols = spans[0].grid if spans else (0, 0)
             if not spans:
                 row = torch.zeros(1)
-            elif s == "lm.layer":
-                row = probs[b, h, q, spans[0].start : spans[0].end]
+            elif s == "lm.layer":  # no map where the image is not in the LM's sequence
+                lm = spans[0].sequence == "lm"
+                row = probs[b, h, q, list(spans[0].positions)] if lm else torch.zeros(0)
+            elif vlm.CLASS_TOKEN:  # the class token's row, laid on the grid by the adapter
+                row = vlm.vision_grid(probs[:, h, :1].transpose(1, 2), inputs)[first_image[b]]
+            elif pooled is not None:
+                row = (pooled[first_image[b]] @ probs[first_image[b], h])[-rows * cols :]
             else:
-                row = probs[first_image[b], h, 0, -rows * cols :]
+                row = probs[first_image[b], h, :, -rows * cols :].mean(0)
             maps.append(row.reshape(rows, cols).numpy() if row.numel() == rows * cols else None)
-        query = f"position {q}" if s == "lm.layer" else "class token"
+        query = f"position {q}" if s == "lm.layer" else vision_query
         out.append(HeadPattern(s, layer, h, query, tuple(maps)))
     return tuple(out)

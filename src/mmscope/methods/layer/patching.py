@@ -56,7 +56,7 @@ class Runs:
 
 def image_counts(inputs: Inputs) -> list[int]:
     """Image tokens per item (all its images), the rows ``vlm.image_tokens`` gives per item."""
-    return [sum(span.end - span.start for span in item) for item in inputs.image_spans]
+    return [sum(span.size for span in item) for item in inputs.image_spans]
 
 
 def image_noise(
@@ -78,17 +78,19 @@ def image_noise(
     return torch.cat(out)
 
 
-def _noise_patch(vlm: VLM, noise: torch.Tensor, tiles: int) -> PatchFn:
+def _noise_patch(vlm: VLM, noise: torch.Tensor, inputs: Inputs, tiles: int) -> PatchFn:
+    """Add ``noise`` (drawn for one copy of the batch) to each of the ``tiles`` copies of the
+    batch that ``inputs`` holds."""
     tiled = noise.to(vlm.device).repeat(tiles, 1)
 
     def fn(value: torch.Tensor) -> torch.Tensor:
-        tokens = vlm.image_tokens(value)
+        tokens = vlm.image_tokens(value, inputs)
         if tokens.shape[0] != tiled.shape[0]:
             raise NotApplicableError(
                 f"{vlm.IMAGE_TOKENS_SITE} gave {tokens.shape[0]} image tokens, "
                 f"the noise was drawn for {tiled.shape[0]}"
             )
-        return vlm.with_image_tokens(value, tokens + tiled.to(tokens))
+        return vlm.with_image_tokens(value, tokens + tiled.to(tokens), inputs)
 
     return fn
 
@@ -175,14 +177,17 @@ def patch_runs(
         counts = image_counts(inputs)
         if min(counts, default=0) == 0:
             raise InputError("noise on the image tokens needs an image in every item")
-        noisy = image_noise(vlm.image_tokens(cap[vlm.IMAGE_TOKENS_SITE]), counts, noise, seed)
+        tokens = vlm.image_tokens(cap[vlm.IMAGE_TOKENS_SITE], inputs)
+        noisy = image_noise(tokens, counts, noise, seed)
     del cap
 
-    def corruption(tiles: int) -> dict[str, PatchFn]:
-        return {} if noisy is None else {vlm.IMAGE_TOKENS_SITE: _noise_patch(vlm, noisy, tiles)}
+    def corruption(run: Inputs, tiles: int) -> dict[str, PatchFn]:
+        if noisy is None:
+            return {}
+        return {vlm.IMAGE_TOKENS_SITE: _noise_patch(vlm, noisy, run, tiles)}
 
     base = inputs if corrupted is None else corrupted
-    corrupt = _scores(vlm, bound, base, corruption(1))
+    corrupt = _scores(vlm, bound, base, corruption(base, 1))
 
     per_forward = max(1, batch_size // items)
     restored: list[torch.Tensor] = []
@@ -196,7 +201,7 @@ def patch_runs(
         for t, restoration in enumerate(chunk):
             for piece in restoration:
                 by_site[piece[0]].append((t, piece))
-        patches = corruption(tiles)
+        patches = corruption(tiled[tiles], tiles)
         for site, pieces in by_site.items():
             fn = _restore_patch(cache[site], pieces, items)
             patches[site] = _compose(patches[site], fn) if site in patches else fn
@@ -252,10 +257,15 @@ class PatchingResult(Result):
         over layers); NaN at patches not traced."""
         if self.preset == "head":
             raise InputError("a head trace has no per-position effect; use preset 'residual'")
+        if not 0 <= image < len(self.image_spans[item]):
+            raise InputError(
+                f"item {item} has no image {image} in the traced sequence (an image read "
+                "through cross-attention, as Mllama's, has no positions there)"
+            )
         span = self.image_spans[item][image]
         column = {p: i for i, p in enumerate(self.positions)}
         per_layer = self.effect[item] if layer is None else self.effect[item, layer][None]
-        out = np.full(span.end - span.start, np.nan)
+        out = np.full(span.size, np.nan)
         for j, pos in enumerate(span.positions):
             if pos in column and not np.all(np.isnan(per_layer[:, column[pos]])):
                 out[j] = np.nanmax(per_layer[:, column[pos]])

@@ -17,6 +17,10 @@ Decoders trace their language model, dual encoders (CLIP) their vision tower, wh
 is the class token and the patches. In a decoder, positions before the first image token (and
 before any token a counterfactual changes) see the same values in every run; they are not run
 and their effect is exactly 0 (listed in ``PatchingResult.skipped``).
+
+Hybrid models (Qwen3.5): ``"attn"`` restores each layer's token mixer, the softmax attention or
+the linear-attention module (``linear_attn``) of a gated delta-net layer; ``"head"`` traces the
+softmax-attention heads only (effect NaN at the other layers, ``settings["skipped_layers"]``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,14 @@ from mmscope.core.inputs import Inputs
 from mmscope.core.registry import register
 from mmscope.core.targets import BoundTarget, Target
 from mmscope.core.validate import integer, number, positive_int, valid_seed
-from mmscope.methods.analysis import KIND, Analysis, bind, position_labels, stack
+from mmscope.methods.analysis import (
+    KIND,
+    Analysis,
+    bind,
+    position_labels,
+    sequence_spans,
+    stack,
+)
 from mmscope.methods.layer.patching import (
     PatchingResult,
     Restoration,
@@ -40,6 +51,7 @@ from mmscope.methods.layer.patching import (
     patch_runs,
 )
 from mmscope.models.base import VLM
+from mmscope.models.capabilities import softmax_only
 
 PRESETS = ("residual", "mlp", "attn", "head")
 
@@ -108,23 +120,27 @@ class CausalTrace(Analysis):
         where = stack(vlm)
         layers = vlm.num_layers(where)
         length = _length(vlm, bound.inputs)
-        chosen = self._chosen(bound.inputs, length)
+        chosen = self._chosen(vlm, bound.inputs, length)
         window = self.window or max(1, round(layers / 4))
         skipped: tuple[int, ...] = ()
+        no_heads: dict[str, str] = {}
         if self.preset == "head":
             heads = vlm.num_heads(where)
             width = _heads_width(vlm, where) // heads
+            kept, no_heads = softmax_only(vlm, where, range(layers), "causal_trace (heads)")
             units: list[Restoration] = [
                 ((f"{where}[{k}].attn.heads", chosen, (h * width, (h + 1) * width)),)
-                for k in range(layers)
+                for k in kept
                 for h in range(heads)
             ]
-            shape = (layers, heads)
+            shape = (len(kept), heads)
         else:
             first = _first_reached(vlm, bound.inputs, counter)
             skipped = tuple(p for p in chosen if p < first)
             run = [p for p in chosen if p >= first]
-            units = [self._unit(where, k, p, layers, window) for k in range(layers) for p in run]
+            units = [
+                self._unit(vlm, where, k, p, layers, window) for k in range(layers) for p in run
+            ]
             shape = (layers, len(run))
         runs = patch_runs(
             vlm,
@@ -139,6 +155,10 @@ class CausalTrace(Analysis):
         clean, corrupt, restored = to_p(runs.clean), to_p(runs.corrupt), to_p(runs.restored)
         traced = normalised_effect(restored.T, clean[:, None], corrupt[:, None]).numpy()
         effect = traced.reshape(inputs.batch_size, *shape)
+        if no_heads:  # layers without softmax-attention heads: NaN
+            full = np.full((inputs.batch_size, layers, shape[1]), np.nan)
+            full[:, [k for k in range(layers) if f"{where}[{k}]" not in no_heads]] = effect
+            effect = full
         if skipped:  # skipped positions: exactly 0, or NaN where no restoration can matter
             flat = normalised_effect(clean, clean, corrupt).isnan().numpy()
             full = np.zeros((inputs.batch_size, layers, len(chosen)))
@@ -151,7 +171,7 @@ class CausalTrace(Analysis):
             p_corrupt=corrupt.numpy(),
             preset=self.preset,
             positions=chosen,
-            image_spans=bound.inputs.image_spans,
+            image_spans=sequence_spans(vlm, bound.inputs),
             tokens=tuple(
                 tuple(labels[p] for p in chosen)
                 for labels in (
@@ -166,14 +186,21 @@ class CausalTrace(Analysis):
                 "seed": self.seed,
                 "stack": where,
                 "target": [lab[0] if lab else "" for lab in bound.labels],
+                **({"skipped_layers": no_heads} if no_heads else {}),
             },
         )
 
-    def _chosen(self, inputs: Inputs, length: int) -> tuple[int, ...]:
+    def _chosen(self, vlm: VLM, inputs: Inputs, length: int) -> tuple[int, ...]:
         if self.positions is None:
             return tuple(range(length))
         if self.positions == "image":
             found = {p for item in inputs.image_spans for s in item for p in s.positions}
+            spans = [s for item in inputs.image_spans for s in item]
+            if not vlm.contrastive and any(s.sequence != "lm" for s in spans):
+                raise NotApplicableError(
+                    f"positions='image': {vlm.name} reads its images through cross-attention, "
+                    "so its language model has no image positions to restore"
+                )
             return tuple(sorted(found))
         out, given = [], tuple(int(p) for p in self.positions)
         for p in given:
@@ -182,11 +209,25 @@ class CausalTrace(Analysis):
             out.append(p % length)
         return tuple(sorted(set(out)))
 
-    def _unit(self, where: str, layer: int, pos: int, layers: int, window: int) -> Restoration:
+    def _unit(
+        self, vlm: VLM, where: str, layer: int, pos: int, layers: int, window: int
+    ) -> Restoration:
         if self.preset == "residual":
             return ((f"{where}[{layer}]", (pos,), None),)
         low, high = max(0, layer - window // 2), min(layers, layer - (-window // 2))
+        if self.preset == "attn":
+            return tuple((_mixer(vlm, where, j), (pos,), None) for j in range(low, high))
         return tuple((f"{where}[{j}].{self.preset}", (pos,), None) for j in range(low, high))
+
+
+def _mixer(vlm: VLM, where: str, layer: int) -> str:
+    """A layer's token mixer: its ``.attn``, or where the layer has no softmax attention over
+    the sequence a hybrid model's ``.linear_attn`` (Qwen3.5) or ``.cross_attn`` (Mllama)."""
+    if layer in vlm.non_softmax_layers(where):
+        for role in ("linear_attn", "cross_attn"):
+            if f"{where}.{role}" in vlm.ROLES:
+                return f"{where}[{layer}].{role}"
+    return f"{where}[{layer}].attn"
 
 
 def _length(vlm: VLM, inputs: Inputs) -> int:
@@ -197,9 +238,12 @@ def _length(vlm: VLM, inputs: Inputs) -> int:
 
 
 def _heads_width(vlm: VLM, where: str) -> int:
-    width = getattr(vlm.resolve(f"{where}[0].attn.heads"), "in_features", None)
+    first = (vlm.softmax_layers(where) or [0])[0]
+    width = getattr(vlm.resolve(f"{where}[{first}].attn.heads"), "in_features", None)
     if not width:
-        raise NotApplicableError(f"cannot tell the width of {where}[0].attn.heads of {vlm.name}")
+        raise NotApplicableError(
+            f"cannot tell the width of {where}[{first}].attn.heads of {vlm.name}"
+        )
     return int(width)
 
 

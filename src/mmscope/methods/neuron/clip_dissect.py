@@ -96,6 +96,7 @@ def _chance(labels: np.ndarray, truth: np.ndarray) -> float:
     family="neuron/concept",
     paper="Oikarinen & Weng 2023",
     level="model/neuron",
+    needs=("contrastive",),
 )
 class ClipDissect(Study):
     """Label every unit with a concept by soft-WPMI (Oikarinen & Weng 2023); CLIP models.
@@ -176,10 +177,6 @@ class ClipDissect(Study):
     ) -> DissectionResult:
         """``scenes``: the world scene of each item, to score the labels (default: matched
         by pixels; a user's items are labelled but not scored)."""
-        if not vlm.contrastive:
-            raise NotApplicableError(
-                f"clip_dissect needs a CLIP-style model with a text tower; {vlm.name} is not one"
-            )
         words = self._vocabulary(vlm)
         if self.top_k * 10 > len(items):
             warnings.warn(

@@ -10,6 +10,11 @@ the same ranking when every item has both modalities) and weighted (``weights``,
 ``[0, 0.25, 0.25, 0.5, 0]`` as released). The ``share`` of all neurons with the largest sum
 over modalities is kept, each labelled with its best modality ("adaptive" selection).
 Attention is read with eager attention, a layer at a time, never kept for all layers.
+
+Hybrid models (Qwen3.5): the attention scores need the layer's softmax attention, so with
+nonzero attention weights the default sites leave out the MLPs of the linear-attention layers
+(a warning; ``settings["skipped_layers"]`` says why) and a named site in such a layer raises
+``NotApplicableError``; with zero attention weights every layer is read.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from mmscope.methods.neuron.dape import FoundNeurons
 from mmscope.methods.neuron.stats import check_sites, default_sites
 from mmscope.methods.study import KIND, Study
 from mmscope.models.base import parse_site
+from mmscope.models.capabilities import require_softmax, softmax_only
 
 if TYPE_CHECKING:
     from mmscope.bench.items import BenchItem
@@ -75,7 +81,12 @@ def miner_select(
 
 
 @register(
-    "miner", kind=KIND, family="neuron/modality", paper="Huang et al. 2024", level="model/neuron"
+    "miner",
+    kind=KIND,
+    family="neuron/modality",
+    paper="Huang et al. 2024",
+    level="model/neuron",
+    needs=("lm_image_tokens",),
 )
 class Miner(Study):
     """Modality-specific neurons (image vs text) of a decoder's MLPs.
@@ -115,8 +126,11 @@ class Miner(Study):
             raise NotApplicableError(
                 f"{vlm.name} is a dual encoder: its image and text tokens never share a layer"
             )
-        sites = self.sites or default_sites(vlm)
+        sites = list(self.sites or default_sites(vlm))
         attend = any(self.weights[3:])
+        skipped: dict[str, str] = {}
+        if attend:
+            sites, skipped = self._attending(vlm, sites)
         probs = {s: s[: -len(".mlp.act")] + ".attn.probs" for s in sites}
         for site in sites:
             vlm.resolve(site)
@@ -167,10 +181,28 @@ class Miner(Study):
                 bar.update(len(chunk))
         finally:
             bar.close()
-        return self._result(sites, total, seen)
+        return self._result(sites, total, seen, skipped)
+
+    def _attending(self, vlm: VLM, sites: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+        """The sites whose layer has softmax attention, for the attention scores: a named site
+        without raises; the default sites without are skipped (``{site: why}``)."""
+        parsed = [parse_site(s) for s in sites]
+        if self.sites:
+            for site, (role, index) in zip(sites, parsed):
+                if index is not None:
+                    stack = role.removesuffix(".mlp.act")
+                    require_softmax(vlm, stack, index, f"miner's attention scores at {site}")
+            return list(sites), {}
+        layers = [index for _, index in parsed if index is not None]
+        kept, skipped = softmax_only(vlm, "lm.layer", layers, "miner's attention scores")
+        return [f"lm.layer[{i}].mlp.act" for i in kept], skipped
 
     def _result(
-        self, sites: Sequence[str], total: dict[str, torch.Tensor], seen: torch.Tensor
+        self,
+        sites: Sequence[str],
+        total: dict[str, torch.Tensor],
+        seen: torch.Tensor,
+        skipped: dict[str, str],
     ) -> FoundNeurons:
         if seen.min() == 0:
             raise InputError("MINER needs items with both image and text tokens")
@@ -184,6 +216,8 @@ class Miner(Study):
         rows = [(s, u) for s in sites for u in range(total[f"{s}#0"].shape[1])]
         weighted, kept, best = miner_select(scores, self.weights, self.share)
         settings = {"share": self.share, "weights": list(self.weights), "sites": list(sites)}
+        if skipped:
+            settings["skipped_layers"] = skipped
         neurons = NeuronSet(
             "miner",
             tuple(rows[u] for u in kept),

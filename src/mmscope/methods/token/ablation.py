@@ -111,7 +111,7 @@ def first_image_rows(inputs: Inputs) -> list[int]:
     rows, at = [], 0
     for item in inputs.image_spans:
         rows.append(at)
-        at += sum(span.end - span.start for span in item)
+        at += sum(span.size for span in item)
     return rows
 
 
@@ -132,7 +132,7 @@ def mean_image_token(vlm: VLM, batches: Sequence[Inputs]) -> torch.Tensor:
     for inputs in batches:
         with torch.no_grad(), capture(vlm, vlm.IMAGE_TOKENS_SITE) as cap:
             vlm.forward(inputs)
-        tokens = vlm.image_tokens(cap[vlm.IMAGE_TOKENS_SITE]).float()
+        tokens = vlm.image_tokens(cap[vlm.IMAGE_TOKENS_SITE], inputs).float()
         total = tokens.sum(0) if total is None else total + tokens.sum(0)
         count += tokens.shape[0]
     if total is None:
@@ -194,7 +194,7 @@ class TokenAblation(Analysis):
         site = vlm.IMAGE_TOKENS_SITE
         with torch.no_grad(), capture(vlm, site) as cap:
             output = vlm.forward(bound.inputs)
-        tokens = vlm.image_tokens(cap[site])
+        tokens = vlm.image_tokens(cap[site], bound.inputs)
         clean = bound(output)[:, 0].float().cpu().numpy()
         fill = None
         if self.fill == "mean":
@@ -211,9 +211,9 @@ class TokenAblation(Analysis):
             index = torch.as_tensor(np.concatenate(rows), dtype=torch.long)
 
             def replace(value: torch.Tensor, index: torch.Tensor = index) -> torch.Tensor:
-                flat = vlm.image_tokens(value).clone()
+                flat = vlm.image_tokens(value, bound.inputs).clone()
                 flat[index.to(flat.device)] = 0.0 if fill is None else fill.to(flat)
-                return vlm.with_image_tokens(value, flat)
+                return vlm.with_image_tokens(value, flat, bound.inputs)
 
             with torch.no_grad(), patch(vlm, {site: replace}):
                 out = vlm.forward(bound.inputs)

@@ -16,19 +16,25 @@ window start. Flows (key set -> query set):
 
 "The last token" is every position the target reads (the last position for a next token; the
 answer's positions when teacher-forced). For CLIP the knockout runs in the vision tower, the
-query is the class token, and the text flows do not exist (NaN).
+query is the class token, and the text flows do not exist (NaN); a dual encoder without a class
+token (SigLIP) has no such query and is refused.
+
+Hybrid models (Qwen3.5) can only block attention in their softmax-attention layers
+(``vlm.softmax_layers``): the windows slide over those (a window is ``window`` consecutive
+softmax layers; the linear-attention layers between and around them run unmasked, so a flow
+can still pass through them), with a warning, and ``skipped_layers`` names the others.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from mmscope.core.errors import InputError
+from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import mask_attention
 from mmscope.core.inputs import Inputs
 from mmscope.core.registry import register
@@ -47,6 +53,7 @@ from mmscope.methods.analysis import (
 )
 from mmscope.methods.token.sets import block_matrix, object_cells, positions
 from mmscope.models.base import VLM
+from mmscope.models.capabilities import softmax_only
 
 FLOWS = ("object", "other_image", "image", "text", "image->text", "all")
 Pairs = tuple[list[int], list[int]]  # (queries, keys)
@@ -59,8 +66,8 @@ class KnockoutResult(Result):
     Attributes:
         flows: the flows blocked (second axis of the arrays).
         starts: the first layer of each window (third axis); each window is ``window`` layers.
-        window: layers per window; stack: the layer stack (``lm.layer``, CLIP's
-            ``vision.layer``).
+        window: layers per window (softmax-attention layers); stack: the layer stack
+            (``lm.layer``, CLIP's ``vision.layer``).
         clean: ``(items,)`` the target's probability without knockout (for targets that are no
             log-probabilities, such as CLIP's similarity, the score itself).
         knocked: ``(items, flows, starts)`` the same with the flow blocked (NaN: no such flow).
@@ -68,6 +75,8 @@ class KnockoutResult(Result):
         sizes: ``(items, flows)`` how many keys each flow blocks (-1: no such flow).
         probability: whether ``clean`` and ``knocked`` are probabilities.
         labels: per item, what the target scores.
+        skipped_layers: ``{site: why}`` of the layers without softmax attention, which no
+            window masks (hybrid models; empty otherwise).
     """
 
     flows: tuple[str, ...]
@@ -80,6 +89,7 @@ class KnockoutResult(Result):
     sizes: np.ndarray
     probability: bool
     labels: tuple[str, ...]
+    skipped_layers: dict[str, str] = field(default_factory=dict)
 
     def mean_change(self) -> np.ndarray:
         """``(flows, starts)``: the relative change averaged over the items that have the flow."""
@@ -103,6 +113,7 @@ class KnockoutResult(Result):
                 **{k: getattr(self, k) for k in keys},
                 **missing,  # NaN: no such flow
                 "labels": list(self.labels),
+                **({"skipped_layers": self.skipped_layers} if self.skipped_layers else {}),
             }
         )
 
@@ -148,7 +159,7 @@ def _pairs(
 
 @register(
     "attention_knockout", kind=KIND, family="inside/knockout", level="model/token",
-    paper="Neo et al. 2024; Zhang et al. 2024",
+    paper="Neo et al. 2024; Zhang et al. 2024", needs=("image_positions",),
 )  # fmt: skip
 class AttentionKnockout(Analysis):
     """Block attention from key sets to query sets in a sliding window of layers.
@@ -187,12 +198,22 @@ class AttentionKnockout(Analysis):
         ``None``) per item, needed by the ``object`` and ``other_image`` flows."""
         if masks is not None and len(masks) != inputs.batch_size:
             raise InputError(f"{len(masks)} masks for a batch of {inputs.batch_size}")
+        if vlm.contrastive and not vlm.CLASS_TOKEN:
+            raise NotApplicableError(
+                "attention knockout blocks flows into the position an output is read at; "
+                f"{vlm.name}'s vision tower has none (no class token: a head after the tower "
+                "pools every patch)"
+            )
         where = stack(vlm)
-        depth = vlm.num_layers(where)
+        layers, skipped = softmax_only(
+            vlm, where, range(vlm.num_layers(where)), "attention_knockout"
+        )
+        depth = len(layers)
         window = self.window or max(1, round(depth / 3))
         if window > depth:
             raise InputError(f"a window of {window} layers is deeper than {where} ({depth})")
-        starts = tuple(range(depth - window + 1))
+        runs = {layers[j]: layers[j : j + window] for j in range(depth - window + 1)}
+        starts = tuple(runs)
         with preserved(vlm.model):
             bound = bind(vlm, inputs, target)
             batch = bound.inputs.batch_size
@@ -204,20 +225,21 @@ class AttentionKnockout(Analysis):
                 for f in self.flows
             ]
             combos = [(f, s) for f in range(len(self.flows)) for s in starts if any(pairs[f])]
-            scores = self._run(vlm, bound, where, window, pairs, combos)
-        return _result(self.flows, starts, window, where, bound, pairs, combos, scores)
+            scores = self._run(vlm, bound, where, runs, pairs, combos)
+        result = _result(self.flows, starts, window, where, bound, pairs, combos, scores)
+        return replace(result, skipped_layers=skipped) if skipped else result
 
     def _run(
         self,
         vlm: VLM,
         bound: BoundTarget,
         where: str,
-        window: int,
+        runs: dict[int, list[int]],
         pairs: list[list[Pairs | None]],
         combos: list[tuple[int, int]],
     ) -> torch.Tensor:
         """Scores ``(1 + combos, batch)``: the clean run (eager attention like the others),
-        then one row per (flow, window start)."""
+        then one row per (flow, window start); ``runs[start]``: the window's layers."""
         batch = bound.inputs.batch_size
         length = _length(vlm, bound.inputs)
         blocks = [
@@ -234,7 +256,7 @@ class AttentionKnockout(Analysis):
                 if combo is None:
                     continue
                 f, start = combo
-                for layer in range(start, start + window):
+                for layer in runs[start]:
                     site = f"{where}[{layer}].attn"
                     rows = tiles.setdefault(site, _none(length).repeat(len(chunk) * batch, 1, 1))
                     rows[t * batch : (t + 1) * batch] = blocks[f]

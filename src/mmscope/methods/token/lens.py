@@ -6,7 +6,9 @@ for decoders. One forward pass captures every layer; the projections follow, a l
 keeping only the top-k tokens and the chosen token's probability and rank. A dual encoder
 (CLIP) has no vocabulary: its vision layers are read out through the final norm and projection
 against the embeddings of the input texts, so the "tokens" are those texts (Gandelsman et al.
-2024 read CLIP's residual stream the same way).
+2024 read CLIP's residual stream the same way). A tower pooled by an attention head instead
+(SigLIP's ``vision.head``) reads each position as an image of that one token: the probe's only
+key then gets all its attention, and the head's output is that token's image embedding.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmscope.core.errors import InputError
 from mmscope.core.hooks import capture
 from mmscope.core.inputs import ImageSpan, Inputs
 from mmscope.core.registry import register
@@ -31,6 +34,7 @@ from mmscope.methods.analysis import (
     new_figure,
     next_token_ids,
     position_labels,
+    sequence_spans,
     stack,
 )
 from mmscope.models.base import VLM
@@ -73,17 +77,25 @@ class LensResult(Result):
         below = np.flatnonzero(~top)
         return self.layers[int(below[-1]) + 1] if below.size else self.layers[0]
 
+    def _span(self, item: int, image: int) -> ImageSpan:
+        if not 0 <= image < len(self.spans[item]):
+            raise InputError(
+                f"item {item} has no image {image} in the sequence the lens read (an image "
+                "read through cross-attention, as Mllama's, has no positions there)"
+            )
+        return self.spans[item][image]
+
     def image_map(self, item: int = 0, layer: int = -1, image: int = 0) -> np.ndarray:
         """``(rows, cols)``: the target token's probability at each image patch of a layer."""
-        span = self.spans[item][image]
+        span = self._span(item, image)
         row = self.layers.index(layer) if layer >= 0 else layer
-        return self.target_probs[row, item, span.start : span.end].reshape(span.grid)
+        return self.target_probs[row, item, list(span.positions)].reshape(span.grid)
 
     def patch_tokens(self, item: int = 0, layer: int = -1, image: int = 0) -> np.ndarray:
         """``(rows, cols)`` array of each image patch's top token at a layer."""
-        span = self.spans[item][image]
+        span = self._span(item, image)
         row = self.layers.index(layer) if layer >= 0 else layer
-        ids = self.top_ids[row, item, span.start : span.end, 0]
+        ids = self.top_ids[row, item, list(span.positions), 0]
         return np.array([self.names[int(i)] for i in ids], dtype=object).reshape(span.grid)
 
     def table(self, item: int = 0, position: int = -1) -> list[dict[str, Any]]:
@@ -146,8 +158,20 @@ def _readout(vlm: VLM, inputs: Inputs) -> tuple[Readout, list[str], list[int]]:
         norm, head = vlm.resolve("lm.norm"), vlm.resolve("lm_head")
         size = int(vlm.model.get_output_embeddings().weight.shape[0])
         names = [str(t) for t in vlm.tokenizer.convert_ids_to_tokens(list(range(size)))]
-        return (lambda h: head(norm(h))), names, []
-    norm, proj = vlm.resolve("vision.norm"), vlm.resolve("vision.proj")
+        cap = vlm.final_logit_softcap
+        if cap is None:
+            return (lambda h: head(norm(h))), names, []
+        return (lambda h: cap * torch.tanh(head(norm(h)) / cap)), names, []
+    norm = vlm.resolve("vision.norm")
+    proj: Callable[[torch.Tensor], torch.Tensor]
+    if "vision.proj" in vlm.ROLES:
+        proj = vlm.resolve("vision.proj")
+    else:  # an attention-pooling head, (images, positions, d) -> (images, d): one token each
+        head = vlm.resolve("vision.head")
+
+        def proj(x: torch.Tensor) -> torch.Tensor:
+            return head(x.reshape(-1, 1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
     out = vlm.forward(inputs)
     texts = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
     scale = vlm.model.logit_scale.exp().float()
@@ -222,5 +246,5 @@ class LogitLens(Analysis):
             positions=tuple(
                 position_labels(vlm, inputs, b, length) for b in range(inputs.batch_size)
             ),
-            spans=inputs.image_spans,
+            spans=sequence_spans(vlm, inputs),
         )

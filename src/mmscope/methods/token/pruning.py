@@ -5,13 +5,19 @@ FastV ranks the image tokens by attention after layer K and drops the fraction R
 least attention from every later layer, keeping the original position ids. As an analysis:
 accuracy of the next token over a batch of questions on a grid of (K, R), under both ranking
 rules, with the theoretical FLOPs each setting saves.
+
+Hybrid models (Qwen3.5) rank with, and prune in, their softmax-attention layers only: a K whose
+ranking layer K-1 has no softmax attention raises ``NotApplicableError``; the linear-attention
+layers from K on cannot be masked and still read every token (a warning says so, and
+``skipped_layers`` names them), so the accuracy is that of pruning the attention layers alone,
+and the FLOPs saved count only the layers pruned.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,6 +30,7 @@ from mmscope.core.targets import Predicted, Target
 from mmscope.core.validate import integer, number, positive_int
 from mmscope.methods.analysis import Analysis, Result, jsonable, new_figure, next_token_ids
 from mmscope.methods.token.sets import block_matrix
+from mmscope.models.capabilities import require_softmax, softmax_only
 
 if TYPE_CHECKING:
     from mmscope.core.inputs import Inputs
@@ -77,12 +84,21 @@ def layer_flops(n: float, hidden: int, intermediate: int) -> float:
 
 
 def flops_saved(
-    n: int, n_image: int, hidden: int, intermediate: int, layers: int, k: int, ratio: float
+    n: int,
+    n_image: int,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    k: int,
+    ratio: float,
+    pruned: int | None = None,
 ) -> float:
-    """Share of the decoder's FLOPs saved: 1 - (K f(n) + (L-K) f(n - R n_img)) / (L f(n))."""
+    """Share of the decoder's FLOPs saved: 1 - (K f(n) + (L-K) f(n - R n_img)) / (L f(n)), or
+    with ``pruned`` of the layers from K on pruned (the others run on every token)."""
     full = layer_flops(n, hidden, intermediate)
     kept = layer_flops(n - pruned_count(n_image, ratio), hidden, intermediate)
-    return 1.0 - (k * full + (layers - k) * kept) / (layers * full)
+    cut = layers - k if pruned is None else pruned
+    return 1.0 - ((layers - cut) * full + cut * kept) / (layers * full)
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -96,14 +112,15 @@ def masked_logits(vlm: VLM, inputs: Inputs, settings: Sequence[Setting]) -> torc
     A setting ``(K, pruned)`` blocks every query from item ``b``'s keys ``pruned[b]`` in the
     language-model layers K, K+1, ... (0-based): the kept tokens then compute exactly what they
     would with the pruned tokens dropped and the original position ids kept. The batch is
-    tiled once per setting and run in one forward.
+    tiled once per setting and run in one forward. Layers without softmax attention (hybrid
+    models) are not masked.
     """
     n, batch = len(settings), inputs.batch_size
     tiled = inputs.tile(n) if n > 1 else inputs
     length = inputs.input_ids.shape[1]
-    layers = vlm.num_layers("lm.layer")
+    first = min(k for k, _ in settings)
     blocked: dict[str, torch.Tensor] = {}
-    for layer in range(min(k for k, _ in settings), layers):
+    for layer in [i for i in vlm.softmax_layers("lm.layer") if i >= first]:
         block = torch.zeros(n * batch, length, length, dtype=torch.bool)
         for s, (k, pruned) in enumerate(settings):
             if k <= layer:
@@ -129,6 +146,8 @@ class PruningResult(Result):
             formula, averaged over items).
         n: number of items.
         num_layers: the language model's layers L.
+        skipped_layers: ``{site: why}`` of the layers from the smallest K on that have no
+            softmax attention and were not pruned (hybrid models; empty otherwise).
     """
 
     rules: tuple[str, ...]
@@ -139,6 +158,7 @@ class PruningResult(Result):
     flops_saved: np.ndarray
     n: int
     num_layers: int
+    skipped_layers: dict[str, str] = field(default_factory=dict)
 
     def breaks_at(self, rule: str, layer: int, drop: float = 0.05) -> float | None:
         """The smallest R whose accuracy is more than ``drop`` below the baseline (None: never)."""
@@ -164,6 +184,7 @@ class PruningResult(Result):
                 "flops_saved": self.flops_saved.tolist(),
                 "n": self.n,
                 "num_layers": self.num_layers,
+                **({"skipped_layers": self.skipped_layers} if self.skipped_layers else {}),
             }
         )
 
@@ -196,7 +217,7 @@ class PruningResult(Result):
     family="inside/pruning",
     paper=PAPER,
     level="model/token",
-    needs=("generates", "lm_attention"),
+    needs=("generates", "lm_attention", "lm_image_tokens"),
 )
 class FastV(Analysis):
     """Accuracy as a function of the pruning layer K and pruned fraction R (Chen et al. 2024).
@@ -209,7 +230,7 @@ class FastV(Analysis):
     image token receives from every later position (the paper's text); the R * n_img (rounded
     half up) lowest go. Pruning is done by blocking every query from the pruned keys in layers >= K
     before the softmax: for the kept tokens this is exactly dropping the pruned ones while
-    keeping the original position ids.
+    keeping the original position ids. Hybrid models: see the module docstring.
 
     Args:
         layers: the K values, each in 1..L-1.
@@ -238,6 +259,9 @@ class FastV(Analysis):
         num_layers = vlm.num_layers("lm.layer")
         if any(k >= num_layers for k in self.layers):
             raise InputError(f"layers must lie in 1..{num_layers - 1} for {vlm.name}")
+        for k in self.layers:  # the ranking layer K-1 must give probabilities
+            require_softmax(vlm, "lm.layer", k - 1, f"fastv with K={k}")
+        _, skipped = softmax_only(vlm, "lm.layer", range(min(self.layers), num_layers), "fastv")
         batch = inputs.batch_size
         where = [image_positions(inputs, b) for b in range(batch)]
         if not all(where):
@@ -268,6 +292,7 @@ class FastV(Analysis):
             flops_saved=_flops(vlm, inputs, where, self.layers, self.ratios, num_layers),
             n=batch,
             num_layers=num_layers,
+            skipped_layers=skipped,
         )
 
 
@@ -302,10 +327,12 @@ def _flops(
     hidden, inter = int(text.hidden_size), int(text.intermediate_size)
     lengths = inputs.attention_mask.sum(-1).tolist()
     out = np.zeros((len(layers), len(ratios)))
+    softmax = vlm.softmax_layers("lm.layer")
     for i, k in enumerate(layers):
+        cut = sum(1 for layer in softmax if layer >= k)
         for j, r in enumerate(ratios):
             saved = [
-                flops_saved(int(n), len(img), hidden, inter, num_layers, k, r)
+                flops_saved(int(n), len(img), hidden, inter, num_layers, k, r, cut)
                 for n, img in zip(lengths, where)
             ]
             out[i, j] = float(np.mean(saved))

@@ -31,7 +31,12 @@ def object_cells(
         raise InputError(f"an evidence mask is (height, width), not {mask.shape}")
     left, top, right, bottom = span.crop
     if right > left and bottom > top:
-        mask = mask[int(round(top)) : int(round(bottom)), int(round(left)) : int(round(right))]
+        box = (int(round(top)), int(round(bottom)), int(round(left)), int(round(right)))
+        mask = mask[box[0] : box[1], box[2] : box[3]]
+        # a box past the image's edge (Mllama's padded tile canvas): nothing of the mask there
+        short = (box[1] - box[0] - mask.shape[0], box[3] - box[2] - mask.shape[1])
+        if max(short) > 0:
+            mask = np.pad(mask, ((0, max(0, short[0])), (0, max(0, short[1]))))
     rows, cols = span.grid
     if mask.shape[0] < rows or mask.shape[1] < cols:
         raise InputError(f"a {mask.shape} mask is smaller than the {span.grid} token grid")
@@ -67,7 +72,7 @@ def positions(span: ImageSpan, cells: np.ndarray) -> list[int]:
     """Sequence positions of the chosen cells (raster order inside the span)."""
     if cells.shape != tuple(span.grid):
         raise InputError(f"cells {cells.shape} do not match the token grid {span.grid}")
-    return [span.start + int(i) for i in np.flatnonzero(cells)]
+    return [span.positions[int(i)] for i in np.flatnonzero(cells)]
 
 
 def block_matrix(length: int, queries: Sequence[int], keys: Sequence[int]) -> torch.Tensor:

@@ -25,6 +25,13 @@ TINY: dict[str, str] = {
     "tiny_gemma3": "mmscope.models.tiny.gemma3:tiny_gemma3",
     "tiny_qwen2_5_vl": "mmscope.models.tiny.qwen2_5_vl:tiny_qwen2_5_vl",
     "tiny_qwen3_vl": "mmscope.models.tiny.qwen3_vl:tiny_qwen3_vl",
+    "tiny_qwen3_5": "mmscope.models.tiny.qwen3_5:tiny_qwen3_5",
+    "tiny_gemma4": "mmscope.models.tiny.gemma4:tiny_gemma4",
+    "tiny_mllama": "mmscope.models.tiny.mllama:tiny_mllama",
+    "tiny_llava_next": "mmscope.models.tiny.llava_next:tiny_llava_next",
+    "tiny_llava_onevision": "mmscope.models.tiny.llava_onevision:tiny_llava_onevision",
+    "tiny_idefics3": "mmscope.models.tiny.idefics3:tiny_idefics3",
+    "tiny_internvl": "mmscope.models.tiny.internvl:tiny_internvl",
 }
 
 
