@@ -53,13 +53,22 @@ class ClipVLM(VLM):
         "text.proj": "text_projection",
     }
 
+    def _texts(self, prompt: str | Sequence[str]) -> list[str]:
+        """The texts to compare images with, checked: none empty, none past the text tower's
+        context."""
+        from mmscope.core.context import check_prompts
+
+        texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
+            raise InputError("the prompt is empty; give the text(s) to compare the images with")
+        check_prompts(self, texts)
+        return texts
+
     def prepare(
         self, images: ImageLike | Sequence[ImageLike] | None, prompt: str | Sequence[str]
     ) -> Inputs:
         """Images (one batch item each) and the texts to compare them with."""
-        texts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
-            raise InputError("the prompt is empty; give the text(s) to compare the images with")
+        texts = self._texts(prompt)
         imgs = load_images(images) if images is not None else []
         if not imgs:
             raise InputError("CLIP needs at least one image")

@@ -72,9 +72,7 @@ class SiglipVLM(ClipVLM):
     ) -> Inputs:
         """Images (one batch item each) and the texts to compare them with, each text padded
         to ``max_text_length``."""
-        texts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
-            raise InputError("the prompt is empty; give the text(s) to compare the images with")
+        texts = self._texts(prompt)
         imgs = load_images(images) if images is not None else []
         if not imgs:
             raise InputError("SigLIP needs at least one image")

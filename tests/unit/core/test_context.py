@@ -8,7 +8,7 @@ import pytest
 from mmscope import explain
 from mmscope.core.context import check_length, check_prompts, context_length, fit_new_tokens
 from mmscope.core.errors import InputError
-from mmscope.core.targets import AnswerLogProb, Generated, Predicted, Similarity, Token
+from mmscope.core.targets import AnswerLogProb, Generated, Predicted, Token
 from mmscope.decoding import generate
 
 
@@ -62,8 +62,9 @@ def test_a_long_answer_is_refused_and_a_long_generation_shortened(tiny_llava, sc
     assert bound.inputs.input_ids.shape[1] <= limit
 
 
-def test_a_text_longer_than_a_dual_encoders_context_is_refused(tiny_clip, scene_image):
-    limit = context_length(tiny_clip)
-    inputs = tiny_clip.prepare(scene_image, _words(limit + 4))
-    with pytest.raises(InputError, match="the text is .* tokens, longer than"):
-        Similarity().bind(tiny_clip, inputs)
+@pytest.mark.parametrize("name", ["tiny_clip", "tiny_siglip"])
+def test_dual_encoders_refuse_texts_past_their_text_tower(name, request, scene_image):
+    vlm = request.getfixturevalue(name)
+    limit = context_length(vlm)
+    with pytest.raises(InputError, match=f"prompt is .* tokens, longer than the {limit}-token"):
+        vlm.prepare(scene_image, _words(limit + 4))
