@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from matplotlib.figure import Figure
 
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import patch
@@ -72,7 +73,7 @@ def test_state_result_and_serialisation(key, any_vlm, images):
     with pytest.raises(dataclasses.FrozenInstanceError):
         setattr(result, dataclasses.fields(result)[0].name, None)
     json.dumps(jsonable(result.to_dict()), allow_nan=False)  # strict JSON: NaN as null
-    assert result.plot() is not None
+    assert isinstance(result.plot(), Figure)  # one result protocol: plot gives a Figure
 
 
 @pytest.mark.parametrize("key", ANALYSES)

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from matplotlib.figure import Figure
 
 from mmscope.bench.items import world_items
 from mmscope.core.errors import InputError, NotApplicableError
@@ -89,7 +90,7 @@ def test_state_result_and_serialisation(key, any_vlm, tmp_path):
     with pytest.raises(dataclasses.FrozenInstanceError):
         setattr(result, dataclasses.fields(result)[0].name, None)
     json.dumps(jsonable(result.to_dict()), allow_nan=False)  # strict JSON: NaN as null
-    assert result.plot() is not None
+    assert isinstance(result.plot(), Figure)  # one result protocol: plot gives a Figure
     for name, columns in getattr(result, "tables", dict)().items():
         assert write_table(columns, tmp_path / f"{name}.parquet").exists()
 

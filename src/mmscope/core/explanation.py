@@ -7,12 +7,8 @@ explained output: one for most targets, one per generated token for ``Generated`
 
 from __future__ import annotations
 
-import base64
 import html
-import io
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,10 +16,11 @@ from PIL import Image
 
 from mmscope.core.errors import InputError
 from mmscope.core.inputs import ImageSpan
+from mmscope.core.result import Result, figure_uri
 
 
 @dataclass(frozen=True, eq=False)
-class Explanation:
+class Explanation(Result):
     """Attribution scores of one method for a batch.
 
     Attributes:
@@ -129,15 +126,16 @@ class Explanation:
         scaled = Image.fromarray(grid, mode="F").resize((box_w, box_h), Image.Resampling.BILINEAR)
         out = np.zeros((height, width), dtype=np.float32)
         x0, y0 = round(left), round(top)
-        patch = np.asarray(scaled)[: height - y0, : width - x0]
-        out[y0 : y0 + patch.shape[0], x0 : x0 + patch.shape[1]] = patch
+        dy, dx = max(0, -y0), max(0, -x0)  # a box starting before the image's edge
+        patch = np.asarray(scaled)[dy : height - y0, dx : width - x0]
+        out[y0 + dy : y0 + dy + patch.shape[0], x0 + dx : x0 + dx + patch.shape[1]] = patch
         return out, box_w * box_h / max(1, grid.shape[0] * grid.shape[1])
 
-    def plot(self, *, item: int = 0, output: int = 0, image: int = 0, ax: Any = None) -> Any:
-        """Overlay the heatmap on the original image and list the prompt-word scores."""
+    def plot(self, ax: Any = None, *, item: int = 0, output: int = 0, image: int = 0) -> Any:
+        """The figure: the heatmap over the original image and the prompt-word scores."""
         from mmscope.report.figures import plot_explanation
 
-        return plot_explanation(self, item=item, output=output, image=image, ax=ax)
+        return plot_explanation(self, item=item, output=output, image=image, ax=ax).figure
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible content (images are left out)."""
@@ -201,33 +199,10 @@ class Explanation:
             extras=dict(d.get("extras", {})),
         )
 
-    def save(self, path: str | Path) -> Path:
-        """Write ``to_dict`` as JSON; a ``.png`` path writes the overlay figure instead."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix == ".png":
-            fig = self.plot().figure
-            fig.savefig(path, dpi=100, bbox_inches="tight")
-            import matplotlib.pyplot as plt
-
-            plt.close(fig)
-        else:
-            path.write_text(json.dumps(self.to_dict()) + "\n")
-        return path
-
     def _repr_html_(self) -> str:
-        buf = io.BytesIO()
-        fig = self.plot().figure
-        fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
-        data = base64.b64encode(buf.getvalue()).decode()
         caption = html.escape(f"{self.method}: {self.target}")
-        return (
-            f'<figure><img src="data:image/png;base64,{data}"/>'
-            f"<figcaption>{caption}</figcaption></figure>"
-        )
+        image = f'<img src="{figure_uri(self.plot())}"/>'
+        return f"<figure>{image}<figcaption>{caption}</figcaption></figure>"
 
 
 def _jsonable(value: Any) -> Any:

@@ -9,18 +9,13 @@ return their own small frozen result types. Like methods, an analysis takes its 
 
 from __future__ import annotations
 
-import base64
-import io
-import json
-import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.registry import REGISTRY
+from mmscope.core.result import Result, jsonable, new_figure  # noqa: F401  (their home)
 from mmscope.core.targets import (
     BoundTarget,
     Predicted,
@@ -50,62 +45,6 @@ class Analysis:
 
     def __call__(self, vlm: VLM, inputs: Inputs, target: Target | None = None) -> Any:
         raise NotImplementedError
-
-
-class Result:
-    """Habits of analysis results (frozen dataclasses): ``to_dict``, ``plot``, ``save``."""
-
-    def to_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def plot(self, ax: Any = None) -> Any:
-        """A matplotlib figure of the result (``ax``: draw into these axes instead)."""
-        raise NotImplementedError
-
-    def save(self, path: str | Path) -> Path:
-        """Write ``to_dict`` as strict JSON (NaN as null); a ``.png`` path writes the figure."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix == ".png":
-            _figure(self.plot()).savefig(path, dpi=100, bbox_inches="tight")
-        else:
-            path.write_text(json.dumps(jsonable(self.to_dict()), allow_nan=False) + "\n")
-        return path
-
-    def _repr_html_(self) -> str:
-        buf = io.BytesIO()
-        _figure(self.plot()).savefig(buf, format="png", dpi=80, bbox_inches="tight")
-        return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"/>'
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with arrays and tensors as lists and NaN as ``None``: strict JSON (which has
-    no NaN) for results whose "does not apply" is NaN."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.ndarray) or torch.is_tensor(value):
-        return jsonable(value.tolist())
-    if isinstance(value, (np.floating, np.integer, np.bool_)):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
-def _figure(drawn: Any) -> Any:
-    return getattr(drawn, "figure", drawn)
-
-
-def new_figure(width: float, height: float, ax: Any = None) -> tuple[Any, Any]:
-    """(figure, axes): the given axes' figure, or a new figure not tied to pyplot's state."""
-    if ax is not None:
-        return ax.figure, ax
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    return fig, fig.add_subplot()
 
 
 def analyses() -> list[str]:

@@ -9,10 +9,8 @@ one number per batch item, NaN where the metric does not apply to that item.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -21,6 +19,7 @@ from mmscope.core.errors import InputError
 from mmscope.core.explanation import Explanation
 from mmscope.core.inputs import Inputs
 from mmscope.core.registry import REGISTRY
+from mmscope.core.result import Result, new_figure
 from mmscope.core.targets import Target
 
 if TYPE_CHECKING:
@@ -140,7 +139,7 @@ def bootstrap_interval(
 
 
 @dataclass(frozen=True)
-class MetricResult:
+class MetricResult(Result):
     """One metric's scores of one method over a set of items.
 
     Attributes:
@@ -184,20 +183,13 @@ class MetricResult:
             "higher_is_better": self.higher_is_better,
         }
 
-    def save(self, path: str | Path) -> Path:
-        """Write ``to_dict`` with the per-item values as JSON."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        values = [_finite(v) for v in self.values]
-        path.write_text(json.dumps({**self.to_dict(), "values": values}) + "\n")
-        return path
+    def record(self) -> dict[str, Any]:
+        """``to_dict`` with the per-item values (what ``save`` writes)."""
+        return {**self.to_dict(), "values": [_finite(v) for v in self.values]}
 
     def plot(self, ax: Any = None) -> Any:
         """Histogram of the per-item scores with the mean and its interval."""
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            _, ax = plt.subplots(figsize=(4, 3))
+        fig, ax = new_figure(4, 3, ax)
         x = np.asarray(self.values, dtype=float)
         ax.hist(x[~np.isnan(x)], bins=20, color="#4c72b0")
         lo, hi = self.ci
@@ -205,7 +197,7 @@ class MetricResult:
         ax.axvspan(lo, hi, color="k", alpha=0.15)
         arrow = "higher is better" if self.higher_is_better else "lower is better"
         ax.set_title(f"{self.method}: {self.metric} ({arrow})", fontsize=9)
-        return ax
+        return fig
 
 
 def _finite(v: float) -> float | None:

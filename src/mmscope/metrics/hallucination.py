@@ -8,7 +8,6 @@ official POPE JSONL format (``load_pope_jsonl``) so it runs on a user's own prob
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import numpy as np
 
 from mmscope.core.errors import InputError
 from mmscope.core.registry import register
+from mmscope.core.result import Result, new_figure
 from mmscope.metrics.base import LEVEL, bootstrap_ci, bootstrap_interval
 from mmscope.models.capabilities import require
 from mmscope.toys.evaluate import EVAL_SEED
@@ -141,7 +141,7 @@ def load_pope_jsonl(
 
 
 @dataclass(frozen=True)
-class HallucinationResult:
+class HallucinationResult(Result):
     """Scores of one hallucination metric, their 95% intervals, and every item's record."""
 
     metric: str
@@ -154,19 +154,13 @@ class HallucinationResult:
         ci = {k: [float(lo), float(hi)] for k, (lo, hi) in self.ci.items()}
         return {"metric": self.metric, **self.scores, "ci": ci, "settings": self.settings}
 
-    def save(self, path: str | Path) -> Path:
-        """Write ``to_dict`` with the per-item records as JSON."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**self.to_dict(), "per_item": list(self.per_item)}) + "\n")
-        return path
+    def record(self) -> dict[str, Any]:
+        """``to_dict`` with the per-item records (what ``save`` writes)."""
+        return {**self.to_dict(), "per_item": list(self.per_item)}
 
     def plot(self, ax: Any = None) -> Any:
         """Bar chart of the rates, with their intervals where known."""
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            _, ax = plt.subplots(figsize=(4, 3))
+        fig, ax = new_figure(4, 3, ax)
         names = [k for k, v in self.scores.items() if isinstance(v, float)]
         values = [self.scores[k] for k in names]
         ci = np.array([self.ci.get(k, (v, v)) for k, v in zip(names, values)]).reshape(-1, 2)
@@ -176,7 +170,7 @@ class HallucinationResult:
         split = self.settings.get("split")
         ax.set_title(f"{self.metric}" + (f" ({split})" if split else ""), fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
-        return ax
+        return fig
 
 
 def _answerer(vlm: VLM, metric: str) -> None:

@@ -9,11 +9,11 @@ from typing import Any
 from markupsafe import Markup, escape
 
 from mmscope.bench.decoders import compare_decoders
+from mmscope.core.result import figure_uri
 from mmscope.decoding import decoders, generate
 from mmscope.decoding.explain import explain_hallucination
 from mmscope.models.base import VLM
 from mmscope.report.html import data_uri
-from mmscope.report.inside import figure_uri
 from mmscope.world import DESCRIBE_PROMPT, render, sample_scenes
 from mmscope.world.captions import hallucinated
 

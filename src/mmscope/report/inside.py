@@ -3,27 +3,19 @@ the finding it shows in one sentence."""
 
 from __future__ import annotations
 
-import base64
-import io
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from mmscope.bench.items import BenchItem, answerability_items, world_items
+from mmscope.core.result import figure_uri
 from mmscope.core.targets import TokenId, answer_id
 from mmscope.methods.inside import analyse
 from mmscope.models.base import VLM
 
 #: Seed of the section's world questions.
 INSIDE_SEED = 31
-
-
-def figure_uri(figure: Any) -> str:
-    """A PNG data URI of a matplotlib figure."""
-    buf = io.BytesIO()
-    figure.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _answers(vlm: VLM, items: list[BenchItem]) -> TokenId:
