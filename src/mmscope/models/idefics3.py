@@ -1,43 +1,34 @@
-"""Idefics3 and SmolVLM (Laurençon et al. 2024, Building and better understanding vision-language
-models; Marafioti et al. 2025, SmolVLM): a SigLIP-style vision tower run on sub-images, a
-connector (pixel shuffle, then one linear map) and a Llama-family language model.
+"""Idefics3 and SmolVLM (Laurençon et al. 2024; Marafioti et al. 2025): a SigLIP-style tower
+run on sub-images, a connector (pixel shuffle, then one linear map), a Llama-family LM.
 
 What the rest of mmscope sees:
 
-- **Views.** ``Idefics3ImageProcessor`` resizes each image so that its longest edge is
-  ``size["longest_edge"]`` (upscaling small images), stretches it to multiples of the tile side
-  ``max_image_size["longest_edge"]`` and cuts it into ``rows x cols`` square sub-images, then
-  adds the whole image downscaled to one tile: the *global* view. An image that fits one tile,
-  or any image with ``do_image_splitting=False``, has the global view only. Each view is one
-  ``ImageSpan`` (``view`` ``"sub r,c"``, 0-based, or ``"global"``; ``crop`` its box in the
-  original image's pixels: the resizes stretch the whole image, so sub-image ``(r, c)`` covers
-  ``[c / cols, (c + 1) / cols]`` of the width and ``[r / rows, (r + 1) / rows]`` of the height).
-- **Sequence.** ``Idefics3Processor`` writes, per sub-image, ``<fake_token_around_image>
-  <row_{r+1}_col_{c+1}>`` and ``image_seq_len`` image tokens, a newline after each row, then
-  ``\\n<fake_token_around_image><global-img>``, the global view's tokens and
-  ``<fake_token_around_image>``. So one image's tokens form several runs; ``prepare`` maps each
-  run to its view by the marker before it (and checks the marker is the one expected).
-- **Tokens per view.** The connector's ``pixel_shuffle`` folds each ``s x s`` block of patches
-  (``s = scale_factor``) into one token, in raster order over the ``(patches / s)`` a side
-  token grid; the projector (``model.connector``, ``IMAGE_TOKENS_SITE``) gives ``(views,
-  tokens, hidden)``, which ``inputs_merger`` scatters into the image positions in order: view
-  by view, each view's cells in raster order, as the spans are.
-- **Pixels.** The processor's ``pixel_values`` are ``(batch, most views of an item, 3, t, t)``
-  with all-zero frames as padding, which the model drops. ``prepare`` lays them out one row
-  per view instead, ``(views of the batch, 1, 3, t, t)`` in span order (the model flattens its
-  first two axes, so the forward is the same) and drops ``pixel_attention_mask`` when it is all
-  ones (every view is a full tile): so a batch is the concatenation of its items, and
-  ``pixel_rows`` of an image is its number of views. Because the model also drops *real* views
-  whose pixels are all exactly zero (the processor's mean colour, what a fully masked view or a
-  zero baseline becomes), ``forward`` and ``generate`` set one value of such a view to the
-  dtype's smallest normal number, which changes nothing else.
-- **Vision sites.** The tower (``mmscope.models.siglip_tower``'s roles) reads each view alone:
-  ``(views, patches, dim)`` in raster order over the view's patch grid, ``s`` times finer than
-  its token grid, which ``vision_grid`` gives. No class token; the last block is read through
-  ``post_layernorm``, so CAMs read the block before.
-- Refused with typed errors: a tile grid beyond the ``<row_r_col_c>`` markers the processor
-  knows (6 x 6), and an image so small that a view's token cells would cover less than one of
-  its pixels.
+- **Views.** The image processor resizes each image's longest edge to ``size["longest_edge"]``
+  (upscaling small images), stretches it to multiples of the tile ``max_image_size`` and cuts
+  ``rows x cols`` sub-images, then adds the whole image downscaled to one tile (the *global*
+  view; alone when the image fits one tile or with ``do_image_splitting=False``). Each view is
+  an ``ImageSpan`` (``view`` ``"sub r,c"``, 0-based, or ``"global"``); the resizes stretch the
+  whole image, so sub-image ``(r, c)``'s ``crop`` is its ``1 / rows x 1 / cols`` share.
+- **Sequence.** Per sub-image ``<fake_token_around_image><row_{r+1}_col_{c+1}>`` and its image
+  tokens, a newline after each row, then ``\n<fake_token_around_image><global-img>``, the
+  global tokens, ``<fake_token_around_image>``: an image is several runs, each matched to its
+  view by the marker before it.
+- **Tokens.** The connector's ``pixel_shuffle`` folds each ``s x s`` block of patches into one
+  token, raster order over the view's ``patches / s`` a side grid; ``projector``
+  (``IMAGE_TOKENS_SITE``) gives ``(views, tokens, hidden)``, which ``inputs_merger`` scatters
+  into the image positions in order: span order.
+- **Pixels.** The processor's ``(batch, most views of an item, 3, t, t)``, padded with all-zero
+  frames that the model drops, is laid out one row per view, ``(views, 1, 3, t, t)`` in span
+  order (the model flattens its first two axes: same forward); an all-ones
+  ``pixel_attention_mask`` is dropped. A batch is then its items one after another and an
+  image's ``pixel_rows`` its views. The model would also drop a *real* view whose pixels are all
+  exactly 0 (the mean colour: a fully masked view, a zero baseline), so ``forward`` and
+  ``generate`` set one of its values to the dtype's smallest normal number.
+- **Vision sites** (``siglip_tower`` roles) are ``(views, patches, dim)``, raster order over the
+  view's patch grid, ``s`` times finer than its token grid: ``vision_grid``. No class token;
+  the last block is read through ``post_layernorm``, so CAMs read the block before.
+- Typed refusals: a tile grid beyond the processor's 6 x 6 ``<row_r_col_c>`` markers, and an
+  image so small that a view's token cells would cover less than one of its pixels.
 """
 
 from __future__ import annotations
@@ -125,7 +116,9 @@ class Idefics3VLM(DecoderVLM):
                 height, width, max_len=size["longest_edge"]
             )
             height, width = hf_image._resize_output_size_scale_below_upper_bound(
-                height, width, max_len=hf_image.MAX_IMAGE_SIZE
+                height,
+                width,
+                max_len=hf_image.MAX_IMAGE_SIZE,  # type: ignore[arg-type]
             )
         elif ip.do_resize and size.get("height") and size.get("width"):
             height, width = size["height"], size["width"]
@@ -167,8 +160,11 @@ class Idefics3VLM(DecoderVLM):
         """``(view name, marker token, crop box)`` of each view, in sequence order."""
         w, h = float(image.width), float(image.height)
         out: list[tuple[str, str, Any]] = [
-            (f"sub {r},{c}", f"<row_{r + 1}_col_{c + 1}>", (c * w / cols, r * h / rows,
-             (c + 1) * w / cols, (r + 1) * h / rows))
+            (
+                f"sub {r},{c}",
+                f"<row_{r + 1}_col_{c + 1}>",
+                (c * w / cols, r * h / rows, (c + 1) * w / cols, (r + 1) * h / rows),
+            )
             for r in range(rows)
             for c in range(cols)
         ]
@@ -307,7 +303,9 @@ class Idefics3VLM(DecoderVLM):
     def pixel_rows(self, inputs: Inputs) -> list[int]:
         """Rows of ``pixel_values`` per image: one per view."""
         return [
-            len(inputs.views(b, i)) for b, imgs in enumerate(inputs.images) for i in range(len(imgs))
+            len(inputs.views(b, i))
+            for b, imgs in enumerate(inputs.images)
+            for i in range(len(imgs))
         ]
 
     def pixel_values_of(self, images: Sequence[Image.Image]) -> torch.Tensor:

@@ -101,7 +101,6 @@ def tiny_idefics3(seed: int = 0, splitting: bool = True) -> Idefics3VLM:
         text_config=text,
         scale_factor=SCALE,
         image_token_id=processor.image_token_id,
-        pad_token_id=tok.pad_token_id,
     )
     config.architectures = ["Idefics3ForConditionalGeneration"]
     with torch.random.fork_rng(devices=[]):
