@@ -95,10 +95,11 @@ class Tiling:
     def views(self, start: int, image: int, size: tuple[int, int]) -> list[ImageSpan]:
         """The image's views from sequence position ``start``: tiles, then the thumbnail."""
         (rows, cols), (width, height), n = self.tiles, size, self.side * self.side
+        w, h = width / cols, height / rows
         out = []
         for t in range(rows * cols):
             r, c = divmod(t, cols)
-            box = (c * width / cols, r * height / rows, (c + 1) * width / cols, (r + 1) * height / rows)
+            box = (c * w, r * h, (c + 1) * w, (r + 1) * h)
             pos = start + t * n
             out.append(ImageSpan(pos, pos + n, (self.side,) * 2, "lm", box, image, f"tile {r},{c}"))
         if self.thumbnail:

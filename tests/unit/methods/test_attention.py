@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mmscope.methods  # noqa: F401  (registers the methods)
-from mmscope.core.errors import InputError
+from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import capture
 from mmscope.core.registry import REGISTRY
 from mmscope.core.targets import BoundTarget, Generated, Predicted, Similarity
@@ -191,15 +191,21 @@ def test_chefer_needs_no_trainable_weights(images):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_every_adapter_gives_image_maps_and_word_scores(any_vlm, images, method):
+def test_every_adapter_gives_image_maps_and_word_scores(any_vlm, images, method, lacks):
     vlm = any_vlm
     inputs = vlm.prepare(images[0], "a red circle" if vlm.contrastive else QUESTIONS[0])
     before = vlm.model.config._attn_implementation
+    if lacks(vlm, method().key):  # images behind cross-attention (Mllama): no query row to them
+        with pytest.raises(NotApplicableError, match="not behind cross-attention"):
+            method()(vlm, inputs)
+        return
     e = method()(vlm, inputs)
     assert vlm.model.config._attn_implementation == before
-    assert e.image_scores[0][0].shape == (1, *inputs.image_spans[0][0].grid)
+    for scores, span in zip(e.image_scores[0], inputs.image_spans[0], strict=True):
+        assert scores.shape == (1, *span.grid)  # one map per view of a tiled image
     assert e.text_scores[0].shape == (1, len(inputs.prompt_tokens[0]))
-    for arr in (e.image_scores[0][0], e.text_scores[0]):
+    image = np.concatenate([m.ravel() for m in e.image_scores[0]])  # all the image's views
+    for arr in (image, e.text_scores[0]):
         assert np.isfinite(arr).all() and (arr >= 0).all() and arr.sum() > 0
 
 

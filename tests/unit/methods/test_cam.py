@@ -217,12 +217,14 @@ def test_runs_on_every_architecture(method, any_vlm, images):
     before = model_state(vlm.model)
     e = method()(vlm, inputs, target)
     assert model_state(vlm.model) == before
-    ((scores,),) = e.image_scores
+    (views,) = e.image_scores  # one map per view (one view, or the tiles of a tiled image)
     with torch.no_grad(), capture(vlm, vlm.CAM_SITE) as cap:  # CAMs map the tower's own grid
         vlm.forward(inputs)
-    rows, cols = vlm.vision_grid(cap[vlm.CAM_SITE], inputs)[0].shape[:2]
-    assert scores.shape == (1, rows, cols)
-    assert np.isfinite(scores).all() and (scores >= 0).all()
+    grids = vlm.vision_grid(cap[vlm.CAM_SITE], inputs)
+    assert len(views) == len(grids) == len(inputs.image_spans[0])
+    for scores, grid in zip(views, grids):
+        assert scores.shape == (1, *grid.shape[:2])
+        assert np.isfinite(scores).all() and (scores >= 0).all()
     assert e.text_scores[0].shape == (1, len(inputs.prompt_tokens[0]))
     assert not e.text_scores[0].any()
     assert e.extras["layer"] == vlm.CAM_SITE
