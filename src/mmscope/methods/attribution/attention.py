@@ -25,6 +25,7 @@ out where nothing is skipped); a ``layer`` that has no softmax attention raises
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -172,10 +173,21 @@ def fuse(probs: torch.Tensor, head: int | str) -> torch.Tensor:
     return probs[:, head]
 
 
-def _probs(vlm: VLM, inputs: Inputs, sites: list[str]) -> dict[str, torch.Tensor]:
-    with torch.no_grad(), capture(vlm, sites) as cap:
+def _probs(vlm: VLM, inputs: Inputs, sites: list[str], head: int | str) -> dict[str, torch.Tensor]:
+    """Each site's probabilities fused over heads (``fuse``) as the forward reaches it: one
+    ``(batch, T, T)`` kept per layer, never every layer's ``(batch, heads, T, T)`` at once."""
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep(site: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(probs: torch.Tensor) -> torch.Tensor:
+            kept[site] = fuse(probs, head)
+            return probs
+
+        return fn
+
+    with torch.no_grad(), patch(vlm, {site: keep(site) for site in sites}):
         vlm.forward(inputs)
-    return {site: cap[site] for site in sites}
+    return kept
 
 
 def split(vlm: VLM, bound: BoundTarget, text_inputs: Inputs, rows: list[torch.Tensor]) -> Maps:
@@ -244,11 +256,12 @@ class RawAttention(QueryRows):
         layers = {s.stack: _layers(vlm, s.stack, self.layer, 0, "raw_attention") for s in sides}
         for side in sides:
             _heads_ok(vlm, side.stack, self.head)
-        probs = _probs(vlm, inputs, [x for s in sides for x in _sites(s.stack, layers[s.stack])])
+        sites_read = [x for s in sides for x in _sites(s.stack, layers[s.stack])]
+        probs = _probs(vlm, inputs, sites_read, self.head)
         rows = []
         for side in sides:
             sites = _sites(side.stack, layers[side.stack])
-            mean = sum((fuse(probs.pop(x), self.head) for x in sites), torch.zeros(())) / len(sites)
+            mean = sum((probs.pop(x) for x in sites), torch.zeros(())) / len(sites)
             rows.append(torch.einsum("kbt,bts->kbs", side.query.to(mean), mean))
         return inputs, rows
 
@@ -294,13 +307,14 @@ class AttentionRollout(QueryRows):
         }
         for side in sides:
             _heads_ok(vlm, side.stack, self.head)
-        probs = _probs(vlm, inputs, [x for s in sides for x in _sites(s.stack, layers[s.stack])])
+        sites_read = [x for s in sides for x in _sites(s.stack, layers[s.stack])]
+        probs = _probs(vlm, inputs, sites_read, self.head)
         rows = []
         for side in sides:
             r = side.query.to(vlm.device)
             eye = torch.eye(r.shape[-1], device=r.device)
             for site in reversed(_sites(side.stack, layers[side.stack])):
-                m = (1 - self.residual) * fuse(probs.pop(site), self.head) + self.residual * eye
+                m = (1 - self.residual) * probs.pop(site) + self.residual * eye
                 r = torch.einsum("kbt,bts->kbs", r, m / m.sum(-1, keepdim=True))
             rows.append(r)
         return inputs, rows
