@@ -10,16 +10,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def _available() -> list[str]:
-    """Tiny models whose builder module exists (families being added appear as they land)."""
-    import importlib.util
-
+def _tiny_names() -> list[str]:
     from mmscope.models.tiny import TINY
 
-    return [n for n, ref in TINY.items() if importlib.util.find_spec(ref.split(":")[0])]
+    return list(TINY)
 
 
-TINY_NAMES = _available()
+TINY_NAMES = _tiny_names()
 
 
 def _tiny_fixture(name: str):
@@ -40,6 +37,21 @@ for _name in TINY_NAMES:
 def any_vlm(request):
     """Each supported architecture in turn (every entry of ``mmscope.models.tiny.TINY``)."""
     return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def lacks():
+    """``lacks(vlm, key, kind="method")``: why the registered entry ``key`` does not apply to
+    ``vlm`` (a need it declares that the model lacks, e.g. image tokens in the language model's
+    sequence for Mllama), else None. Such an entry must refuse with ``NotApplicableError``
+    naming that reason before any work; tests over ``any_vlm`` check that instead."""
+    from mmscope.core.registry import REGISTRY
+    from mmscope.models.capabilities import entry_needs, why_not
+
+    def why(vlm, key: str, kind: str = "method") -> str | None:
+        return why_not(vlm, entry_needs(REGISTRY.get(key, kind)), f"{kind} {key}")
+
+    return why
 
 
 @pytest.fixture(scope="session")

@@ -1,16 +1,21 @@
 """Contract over the whole registry: every attribution method, on every architecture, leaves the
 model exactly as it found it (also when it raises), returns maps of the promised shapes, is
-deterministic, and gives each item of a batch what it gets alone."""
+deterministic, and gives each item of a batch what it gets alone; or, on a model that lacks a
+need the method declares, refuses with ``NotApplicableError`` before any work."""
+
+import re
 
 import numpy as np
 import pytest
 import torch
 
 import mmscope
+from mmscope.core.errors import NotApplicableError
 from mmscope.core.hooks import patch
 from mmscope.core.state import model_state
 from mmscope.core.targets import Predicted
 from mmscope.methods.explain import attribution_methods, make_method
+from mmscope.models.capabilities import entry_needs, why_not
 from mmscope.world import render, sample_scenes
 
 #: Cheaper settings for the expensive methods; the defaults are exercised in their unit tests.
@@ -25,6 +30,19 @@ FAST: dict[str, dict] = {
     "harsanyi": {"regions": (2, 1)},
 }
 METHODS = attribution_methods()
+
+
+def _refused(vlm, method, inputs) -> bool:
+    """True when ``method`` declares a need ``vlm`` lacks: it must then refuse with
+    ``NotApplicableError`` naming why, before any work, and leave the model as it was."""
+    reason = why_not(vlm, entry_needs(mmscope.REGISTRY.get(method)), f"method {method}")
+    if reason is None:
+        return False
+    before = model_state(vlm.model)
+    with pytest.raises(NotApplicableError, match=re.escape(reason)):
+        make_method(method, **FAST.get(method, {}))(vlm, inputs)
+    assert model_state(vlm.model) == before
+    return True
 
 
 def _prompt(vlm, i: int = 0) -> str:
@@ -48,6 +66,8 @@ def test_the_registry_has_every_family():
 def test_state_shapes_and_determinism(method, any_vlm, images):
     vlm = any_vlm
     inputs = vlm.prepare(images[0], _prompt(vlm))
+    if _refused(vlm, method, inputs):
+        return
     before = model_state(vlm.model)
     explainer = make_method(method, **FAST.get(method, {}))
     first = explainer(vlm, inputs)
@@ -67,6 +87,8 @@ def test_state_shapes_and_determinism(method, any_vlm, images):
 def test_batch_of_two_equals_each_alone(method, any_vlm, images):
     vlm = any_vlm
     prompts = [_prompt(vlm, 0), _prompt(vlm, 1)]
+    if _refused(vlm, method, vlm.prepare(images, prompts)):
+        return
     explainer = make_method(method, **FAST.get(method, {}))
     both = explainer(vlm, vlm.prepare(images, prompts))
     for b in range(2):

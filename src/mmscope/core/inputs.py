@@ -27,7 +27,9 @@ class ImageSpan:
             such as LLaVA-NeXT's row newlines, when ``cells`` is given).
         grid: (rows, cols) of the view's tokens after any merging.
         sequence: ``"lm"`` for the language model's sequence, ``"vision"`` for the vision
-            tower's own sequence (contrastive encoders have no joint sequence).
+            tower's own sequence (contrastive encoders have no joint sequence; Mllama's
+            language model reads the image through cross-attention, and its ``start``..``end``
+            index the item's image cells in ``vlm.image_tokens`` order).
         crop: the box (left, top, right, bottom) of the original image, in its pixels, that the
             grid covers after the processor's resize, crop or tiling.
         image: which of its item's images the view shows; -1 (default) for the span's own

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 SITE = "lm.layer[-1].attn.probs"
 #: The first response tokens are penalised by their attention on the image instead.
 EARLY = 10
-_PER_IMAGE = ("image_grid_thw", "image_sizes")
+_PER_IMAGE = ("image_grid_thw", "image_sizes", "image_position_ids")
 
 
 def split_items(vlm: VLM, inputs: Inputs) -> list[Inputs]:
@@ -72,7 +72,8 @@ def split_items(vlm: VLM, inputs: Inputs) -> list[Inputs]:
             if part.shape[0] or key not in ("pixel_values", *_PER_IMAGE):
                 tensors[key] = part
         spans = tuple(
-            replace(s, start=s.start - pad, end=s.end - pad) for s in inputs.image_spans[b]
+            replace(s, start=s.start - pad, end=s.end - pad, cells=tuple(c - pad for c in s.cells))
+            for s in inputs.image_spans[b]
         )
         start, end = inputs.prompt_spans[b]
         item = replace(

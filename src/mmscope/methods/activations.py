@@ -85,7 +85,7 @@ def token_rows(
             raise NotApplicableError(
                 f"{vlm.name}'s vision tower does not keep one sequence per image at {site}"
             )
-        return [_vision_rows(vlm, inputs, b, value.shape[1]) for b in range(inputs.batch_size)]
+        return [vlm.vision_rows(inputs, b, value.shape[1]) for b in range(inputs.batch_size)]
     if vlm.contrastive:
         raise NotApplicableError(f"{vlm.name} has no joint sequence; read vision.* sites")
     mask = inputs.tensors["attention_mask"]
@@ -101,18 +101,6 @@ def token_rows(
         rows.append((last, "last", -1))
         out.append(rows)
     return out
-
-
-def _vision_rows(vlm: VLM, inputs: Inputs, b: int, length: int) -> list[tuple[int, str, int]]:
-    """A tower's sequence is its patches, after a class token where it has one."""
-    rows, cols = inputs.image_spans[b][0].grid
-    first = length - rows * cols
-    if first not in (0, 1):
-        raise NotApplicableError(
-            f"{vlm.name}'s vision sequence ({length}) does not match its {rows}x{cols} grid"
-        )
-    patches = [(first + j, "image", j) for j in range(rows * cols)]
-    return [(0, "class", -1)] * first + patches
 
 
 def collect(
@@ -131,6 +119,12 @@ def collect(
     bad = set(groups) - set(GROUPS)
     if bad:
         raise InputError(f"token groups {sorted(bad)} are not among {GROUPS}")
+    lm = [s for s in names if not s.startswith("vision.")]
+    if lm and set(groups) <= {"image", "class"} and vlm.capabilities.images_in == "cross_attention":
+        raise NotApplicableError(
+            f"{vlm.name} reads its images through cross-attention: its language model has no "
+            f"image-token rows at {lm[0]} (read the vision tower's vision.* sites)"
+        )
     parts: dict[str, list[tuple[np.ndarray, ...]]] = {s: [] for s in names}
     grids: list[tuple[int, int]] = []
     for first, chunk in batches(items, batch_size):

@@ -1,7 +1,6 @@
 """Model adapters (one per Hugging Face architecture family) and loading."""
 
 import importlib
-import importlib.util
 
 from mmscope.models.base import VLM, parse_site
 from mmscope.models.loading import TOYS, load, supported_classes, toy_path
@@ -25,7 +24,6 @@ ADAPTERS = (
     "internvl",
 )
 for _module in ADAPTERS:
-    if importlib.util.find_spec(f"mmscope.models.{_module}"):  # TODO(before commit): drop guard
-        importlib.import_module(f"mmscope.models.{_module}")
+    importlib.import_module(f"mmscope.models.{_module}")
 
 __all__ = ["ADAPTERS", "VLM", "TOYS", "load", "parse_site", "supported_classes", "toy_path"]

@@ -1,24 +1,22 @@
-"""The any-res layout of LLaVA-NeXT (Liu et al. 2024) and LLaVA-OneVision (Li et al. 2024):
-which sequence positions hold which view of an image, and which rows of the tower's patches
-and of ``pixel_values`` feed each cell. One place for both families.
+"""The any-res layout of LLaVA-NeXT (Liu et al. 2024) and LLaVA-OneVision (Li et al. 2024),
+in one place for both: which sequence positions hold which view of an image, and which rows of
+the tower's patches and of ``pixel_values`` feed each cell.
 
-The processor picks the best-fit resolution from ``image_grid_pinpoints``, resizes the image
-onto it keeping its aspect ratio, pads it (centred) and cuts it into ``tiles`` of the tower's
-size; it prepends a *base view*, the whole image resized to one tile. ``pixel_values`` is
-``(images, 1 + tiles (padded to the batch's most), 3, size, size)``. The model
-(``pack_image_features`` in transformers' ``modeling_llava_next.py``) runs the tower on the
-used rows, projects them and packs each image as: the base view's patches in raster order, then
-the tiles' patch grids stitched into one grid, *unpadded* back to the image's aspect ratio
-(``unpad_image``; OneVision then shrinks it bilinearly when it has more than
-``anyres_max_N`` tiles' worth of patches), with the learned ``image_newline`` after each row.
-OneVision shows each image of a multi-image prompt as its base view alone (padded to a square
-with the mean colour), followed by one newline. The processor writes the image token once per
-packed vector, newlines included, so one image is one run of image tokens in the sequence.
+The processor picks the best-fit resolution from ``image_grid_pinpoints``, resizes the image onto
+it (aspect kept), pads it (centred) and cuts it into tiles of the tower's size, after a *base
+view*: the whole image resized to one tile. The model (``pack_image_features``,
+``unpad_image``, ``get_anyres_image_grid_shape`` in transformers' ``modeling_llava_next.py``)
+packs each image as the base view's patches in raster order, then the tiles' patch grids
+stitched into one grid and *unpadded* back to the image's aspect ratio (OneVision then shrinks
+it bilinearly past ``anyres_max_N`` tiles' worth of patches), the learned ``image_newline``
+after each row. OneVision shows each image of a multi-image prompt as its base view alone
+(padded to a square), then one newline. The processor writes one image token per packed
+vector, newlines included: one image is one run of image tokens.
 
-Views: ``"base"`` (grid = the base view's patches, contiguous) and ``"tiles"`` (grid = the
-unpadded stitched grid, its ``cells`` skipping the newlines), each with its box in the original
-image's pixels: the base view covers the whole image (or, padded to a square, more), the tiles
-view the image as unpadded (which may pass its edges by a fraction of a patch).
+Views: ``"base"`` (the base view's patches, contiguous) and ``"tiles"`` (the unpadded stitched
+grid, its ``cells`` skipping the newlines), with boxes in the original image's pixels: the base
+view covers the whole image (or, padded to a square, more), the tiles view the image as
+unpadded (which may pass its edges by a fraction of a patch).
 """
 
 from __future__ import annotations
@@ -34,8 +32,6 @@ from mmscope.core.errors import InputError
 from mmscope.core.inputs import ImageSpan
 
 Box = tuple[float, float, float, float]
-
-
 Pinpoints = tuple[tuple[int, int], ...]
 
 
@@ -70,6 +66,11 @@ def bilinear(n_in: int, n_out: int) -> torch.Tensor:
     pooling is separable: ``out = My @ grid @ Mx^T`` per channel)."""
     eye = torch.eye(n_in, dtype=torch.float64).reshape(1, n_in, n_in, 1)
     return F.interpolate(eye, size=[n_out, 1], mode="bilinear")[0, :, :, 0].T.contiguous()
+
+
+@functools.lru_cache(maxsize=256)
+def _pinv(n_in: int, n_out: int) -> torch.Tensor:
+    return torch.linalg.pinv(bilinear(n_in, n_out))
 
 
 @dataclass(frozen=True)
@@ -141,9 +142,11 @@ class Layout:
 
     def owners(self) -> tuple[torch.Tensor, torch.Tensor]:
         """For the kept rows and columns of the stitched grid, the tiles view's row and column
-        they fall in (the identity unless pooled; pooled: the cell whose box holds them)."""
+        they fall in (the identity unless pooled; pooled: the cell whose box holds their
+        centre)."""
         (kh, kw), (gh, gw) = self.kept, self.grid
-        return torch.arange(kh) * gh // kh, torch.arange(kw) * gw // kw
+        rows, cols = 2 * torch.arange(kh) + 1, 2 * torch.arange(kw) + 1
+        return rows * gh // (2 * kh), cols * gw // (2 * kw)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -257,8 +260,7 @@ def unpool(delta: torch.Tensor, lay: Layout) -> torch.Tensor:
     if not lay.pooled:
         return delta
     (kh, kw), (gh, gw) = lay.kept, lay.grid
-    py = torch.linalg.pinv(bilinear(kh, gh)).to(delta)
-    px = torch.linalg.pinv(bilinear(kw, gw)).to(delta)
+    py, px = _pinv(kh, gh).to(delta), _pinv(kw, gw).to(delta)
     return torch.einsum("ai,ijd,bj->abd", py, delta, px)
 
 
@@ -275,7 +277,9 @@ def image_tokens(value: torch.Tensor, layouts: list[Layout]) -> torch.Tensor:
     return torch.cat(out)
 
 
-def with_image_tokens(value: torch.Tensor, tokens: torch.Tensor, layouts: list[Layout]) -> torch.Tensor:
+def with_image_tokens(
+    value: torch.Tensor, tokens: torch.Tensor, layouts: list[Layout]
+) -> torch.Tensor:
     """``value`` (the projector's output) whose views' cells are ``tokens``; the cells that
     unpadding drops are left as they are."""
     blocks, row, k = [], 0, 0
@@ -290,18 +294,15 @@ def with_image_tokens(value: torch.Tensor, tokens: torch.Tensor, layouts: list[L
             new = tokens[k : k + gh * gw].reshape(gh, gw, d).to(value)
             k += gh * gw
             top, bottom, left, right = lay.keep
-            grid = stitch(rest, lay)
-            kept = grid[top:bottom, left:right]
-            kept = kept + unpool(new - pool(kept, lay), lay) if lay.pooled else new
-            grid = torch.cat([grid[:top], _cols(grid[top:bottom], kept, left, right), grid[bottom:]])
+            grid = stitch(rest, lay).clone()
+            kept = grid[top:bottom, left:right].clone()
+            grid[top:bottom, left:right] = (
+                kept + unpool(new - pool(kept, lay), lay) if lay.pooled else new
+            )
             rest = unstitch(grid, lay)
         blocks.append(torch.cat([base, rest]))
         row += lay.rows
     return torch.cat(blocks)
-
-
-def _cols(rows: torch.Tensor, kept: torch.Tensor, left: int, right: int) -> torch.Tensor:
-    return torch.cat([rows[:, :left], kept, rows[:, right:]], dim=1)
 
 
 def _cells(kept: torch.Tensor, lay: Layout, mean: bool) -> torch.Tensor:
@@ -331,7 +332,7 @@ def pixel_grids(values: torch.Tensor, lay: Layout) -> list[torch.Tensor]:
     """One image's ``pixel_values`` rows ``(rows, C, size, size)`` summed over channels and
     each cell's pixels: one ``(rows, cols)`` map per view."""
     s, q = lay.side, lay.tile // lay.side
-    per_patch = values[: lay.rows].sum(1).reshape(lay.rows, s, q, s, q).sum((2, 4))
+    per_patch = values.sum(1).reshape(lay.rows, s, q, s, q).sum((2, 4))
     base = per_patch[0]
     if not lay.n_tiles:
         return [base]
@@ -339,10 +340,10 @@ def pixel_grids(values: torch.Tensor, lay: Layout) -> list[torch.Tensor]:
     return [base, _cells(kept_grid(flat, lay), lay, mean=False)[..., 0]]
 
 
-def pixel_keep(keeps: list[torch.Tensor], lay: Layout, rows: int) -> torch.Tensor:
-    """``(rows, 1, size, size)``: each pixel of one image's ``pixel_values`` rows times the
-    keep value of its view's cell (1 on the patches unpadding drops and on padded rows)."""
-    s, q = lay.side, lay.tile // lay.side
+def pixel_keep(keeps: list[torch.Tensor], lay: Layout) -> torch.Tensor:
+    """``(rows, 1, size, size)``: for each pixel of one image's ``pixel_values`` rows the keep
+    value of its view's cell (1 on the patches that unpadding drops)."""
+    s, q, rows = lay.side, lay.tile // lay.side, lay.rows
     base = keeps[0]
     per_patch = base.new_ones(rows, s * s, 1)
     per_patch[0] = base.reshape(s * s, 1)

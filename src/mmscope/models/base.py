@@ -7,7 +7,6 @@ TransformerLens adapters do, and ``resolve`` turns a site into the module.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -18,18 +17,8 @@ from PIL import Image
 from mmscope.core.errors import InputError, NotApplicableError, SiteError
 from mmscope.core.images import ImageLike, load_images
 from mmscope.core.inputs import ImageSpan, Inputs
+from mmscope.core.sites import parse_site
 from mmscope.models.capabilities import Capabilities
-
-_SITE = re.compile(r"\[(-?\d+)\]")
-
-
-def parse_site(site: str) -> tuple[str, int | None]:
-    """Split ``"lm.layer[3].mlp.act"`` into the role ``"lm.layer.mlp.act"`` and index 3."""
-    indices = _SITE.findall(site)
-    if len(indices) > 1:
-        raise SiteError(f"site {site!r} has more than one index")
-    role = _SITE.sub("", site)
-    return role, (int(indices[0]) if indices else None)
 
 
 class VLM:
@@ -267,6 +256,20 @@ class VLM:
             rows, cols = span.grid
             out.append(tokens[-rows * cols :].reshape(rows, cols, -1))
         return out
+
+    def vision_rows(self, inputs: Inputs, item: int, length: int) -> list[tuple[int, str, int]]:
+        """``(position, group, cell)`` of the tokens of item ``item``'s first image in a
+        vision layer's sequence of ``length``: ``"class"`` rows (cell -1) and ``"image"`` rows
+        (cell: raster index in the span's grid). Here the patches, after a class token where
+        the tower has one; tiling adapters override (Mllama)."""
+        rows, cols = inputs.image_spans[item][0].grid
+        first = length - rows * cols
+        if first not in (0, 1):
+            raise NotApplicableError(
+                f"{self.name}'s vision sequence ({length}) does not match its {rows}x{cols} grid"
+            )
+        patches = [(first + j, "image", j) for j in range(rows * cols)]
+        return [(0, "class", -1)] * first + patches
 
     # ----- where a dual encoder reads its towers' embeddings ------------------------------
     def vision_pooling(self, inputs: Inputs) -> torch.Tensor:

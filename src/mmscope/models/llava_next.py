@@ -3,9 +3,11 @@ model, with any-res images: a base view of the whole image and the tiles of a be
 
 What differs from LLaVA (whose roles and module paths it shares):
 
-- ``pixel_values`` is ``(images, 1 + tiles, 3, size, size)`` (tiles padded to the batch's most)
-  with ``image_sizes`` ``(images, 2)``; the tower and the projector run on the used rows of all
-  images, concatenated: ``(sum of 1 + tiles, patches, dim)``.
+- The processor's ``pixel_values`` is ``(images, 1 + tiles, 3, size, size)`` (tiles padded to
+  the batch's most) with ``image_sizes`` ``(images, 2)``; ``prepare`` keeps the rows the model
+  uses, concatenated: ``(sum of 1 + tiles, 3, size, size)``, which the model takes as it is (the
+  tower and the projector run on exactly these rows: ``(sum of 1 + tiles, patches, dim)``), so
+  that ``pixel_rows`` (1 + tiles per image) are the tower's rows too.
 - Each image is one run of image tokens holding two *views* (``mmscope.models.anyres``): the
   base view's patches, then the stitched tiles unpadded back to the image's aspect ratio, each
   row followed by the learned ``image_newline``. ``prepare`` makes one ``ImageSpan`` per view;
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 
 from mmscope.core.errors import InputError
 from mmscope.core.images import ImageLike
@@ -31,6 +34,13 @@ from mmscope.core.registry import register
 from mmscope.models import anyres
 from mmscope.models.llava import LlavaVLM
 from mmscope.models.spans import image_runs, prompt_positions
+
+
+def used_rows(pixel_values: torch.Tensor, layouts: list[anyres.Layout]) -> torch.Tensor:
+    """The processor's ``(images, rows, 3, size, size)`` as the used rows, concatenated."""
+    if pixel_values.dim() == 4:
+        return pixel_values
+    return torch.cat([image[: lay.rows] for image, lay in zip(pixel_values, layouts)])
 
 
 @register("llava_next", kind="adapter", hf_classes=("LlavaNextForConditionalGeneration",))
@@ -87,13 +97,18 @@ class LlavaNextVLM(LlavaVLM):
                 continue
             best_h, best_w = anyres.best_resolution(lay.height, lay.width, pins)
             n = math.ceil(best_h / tile) * math.ceil(best_w / tile)
-            if n > limit or n != lay.n_tiles:
+            if n == lay.n_tiles:
+                continue
+            cut = f"image {i} ({lay.width}x{lay.height}) is cut into {n} tiles by the processor"
+            if n > limit:
                 raise InputError(
-                    f"image {i} ({lay.width}x{lay.height}) is cut into {n} tiles by the "
-                    f"processor, {'over the' if n > limit else 'not the'} "
-                    f"{limit if n > limit else lay.n_tiles} that {self.name}'s "
-                    "image_grid_pinpoints allow; give the processor the model's pinpoints"
+                    f"{cut}, over the {limit} that {self.name}'s image_grid_pinpoints allow; "
+                    "give the processor the model's pinpoints"
                 )
+            raise InputError(
+                f"{cut}, where {self.name} packs {lay.n_tiles}; give the processor the model's "
+                "image_grid_pinpoints"
+            )
 
     # ----- prepare: one span per view -----------------------------------------------------
     def prepare(
@@ -109,6 +124,7 @@ class LlavaNextVLM(LlavaVLM):
         layouts = self.layouts(tensors) if flat else []
         if flat:
             self._check_tiles(tensors, layouts)
+            tensors["pixel_values"] = used_rows(tensors["pixel_values"], layouts)
         spans, prompt_spans, prompt_tokens = [], [], []
         k = 0
         for b, imgs in enumerate(items):
@@ -147,13 +163,19 @@ class LlavaNextVLM(LlavaVLM):
         return layouts
 
     def pixel_rows(self, inputs: Inputs) -> list[int]:
-        """One row of ``pixel_values`` per image (its tiles are its second axis)."""
-        return [1] * sum(len(item) for item in inputs.images)
+        """Rows of ``pixel_values`` (and of the tower) per image: its base view and tiles."""
+        return [lay.rows for lay in self.layouts(inputs.tensors)]
+
+    def pixel_values_of(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        out = self.processor.image_processor(images=list(images), return_tensors="pt")
+        pixels = used_rows(out["pixel_values"], self.layouts(out))
+        return pixels.to(self.device, self.dtype)
 
     def pixel_grid(self, values: torch.Tensor, inputs: Inputs) -> list[torch.Tensor]:
-        out = []
-        for image, lay in zip(values, self.layouts(inputs.tensors)):
-            out.extend(anyres.pixel_grids(image, lay))
+        out, row = [], 0
+        for lay in self.layouts(inputs.tensors):
+            out.extend(anyres.pixel_grids(values[row : row + lay.rows], lay))
+            row += lay.rows
         return out
 
     def mask_pixels(
@@ -169,20 +191,21 @@ class LlavaNextVLM(LlavaVLM):
         ups, k = [], 0
         for lay in self.layouts(inputs.tensors):
             n = 2 if lay.n_tiles else 1
-            ups.append(anyres.pixel_keep([g.to(values) for g in keeps[k : k + n]], lay, values.shape[1]))
+            ups.append(anyres.pixel_keep([g.to(values) for g in keeps[k : k + n]], lay))
             k += n
         if k != len(keeps):
             raise InputError(f"mask_pixels got {len(keeps)} keep grids for {k} views")
-        up = torch.stack(ups)
+        up = torch.cat(ups)
         return values * up + (1 - up) * fill
 
     def vision_grid(self, value: torch.Tensor, inputs: Inputs) -> list[torch.Tensor]:
+        layouts = self.layouts(inputs.tensors)
+        if value.dim() != 3 or value.shape[0] != sum(lay.rows for lay in layouts):
+            raise RuntimeError(f"expected one tower row per tile, got {tuple(value.shape)}")
         out, row = [], 0
-        for lay in self.layouts(inputs.tensors):
+        for lay in layouts:
             out.extend(anyres.vision_grids(value[row : row + lay.rows], lay))
             row += lay.rows
-        if value.shape[0] != row:
-            raise RuntimeError(f"expected {row} tower rows, got {tuple(value.shape)}")
         return out
 
     def image_tokens(self, value: torch.Tensor, inputs: Inputs) -> torch.Tensor:

@@ -215,7 +215,7 @@ def test_split_items_equal_items_prepared_alone(tiny_qwen2_vl):
 
 
 @pytest.mark.parametrize("key", ["opera", "opera_fast"])
-def test_runs_on_decoders_leaves_state_and_refuses_clip(any_vlm, key):
+def test_runs_on_decoders_leaves_state_and_refuses_clip(any_vlm, key, lacks):
     if any_vlm.contrastive:
         inputs = any_vlm.prepare(render(sample_scenes(1, 5)[0], 48).image, "a red circle")
         with pytest.raises(NotApplicableError):
@@ -223,6 +223,12 @@ def test_runs_on_decoders_leaves_state_and_refuses_clip(any_vlm, key):
         return
     inputs = _inputs(any_vlm, n=2)
     before, rng = model_state(any_vlm.model), torch.random.get_rng_state()
+    why = lacks(any_vlm, key, "decoder")
+    if why:  # no image tokens in the LM's sequence to penalise attention on (Mllama)
+        with pytest.raises(NotApplicableError, match="image tokens"):
+            generate(any_vlm, inputs, key, max_new_tokens=4)
+        assert model_state(any_vlm.model) == before
+        return
     deltas = getattr(any_vlm.model.model, "rope_deltas", None)
     texts = generate(any_vlm, inputs, key, max_new_tokens=12)
     assert len(texts) == 2 and all(texts)

@@ -97,9 +97,14 @@ def test_integrated_gradients_agree_with_captum(any_vlm, image):
 def test_integrated_gradients_complete_on_every_architecture(any_vlm, image):
     vlm = any_vlm
     inputs = vlm.prepare(image, "a red circle" if vlm.contrastive else PROMPT)
-    # 256 steps: the random Gemma 3's SigLIP path is curved enough that 64 leave a 23% gap
-    exp = IntegratedGradients(steps=256)(vlm, inputs)
-    gap, delta = exp.extras["completeness_gap"][0][0], exp.extras["delta"][0][0]
+    # 256 steps: the random Gemma 3's SigLIP path is curved enough that 64 leave a 23% gap;
+    # Gemma 4's RMS norms of q, k and v (eps 1e-6) switch on within the first 0.1% of the path
+    # from a zero prompt, where 256 nodes are too few: more steps where the gap says so
+    for steps in (256, 1024):
+        exp = IntegratedGradients(steps=steps)(vlm, inputs)
+        gap, delta = exp.extras["completeness_gap"][0][0], exp.extras["delta"][0][0]
+        if abs(gap) <= 0.05 * abs(delta) + 1e-3:
+            break
     total = sum(float(m.sum()) for m in exp.image_scores[0]) + float(exp.text_scores[0].sum())
     assert total - delta == pytest.approx(gap, abs=1e-5)
     assert abs(gap) <= 0.05 * abs(delta) + 1e-3, (gap, delta)

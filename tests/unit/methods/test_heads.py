@@ -202,8 +202,14 @@ def test_runs_on_every_architecture_and_leaves_the_model_as_found(any_vlm, image
         expected = (
             ["vision.layer", "text.layer"] if any_vlm.contrastive else ["lm.layer", "vision.layer"]
         )
+        # and any other stack with heads (Mllama's global vision layers)
+        more = [s for s in any_vlm.LAYER_LISTS if f"{s}.attn.heads" in any_vlm.ROLES]
+        expected += [s for s in more if s not in expected]
         assert list(result.importance) == expected
-        assert all(np.isfinite(imp).all() for imp in result.importance.values())
+        for stack, imp in result.importance.items():  # NaN at layers without softmax heads
+            heads = any_vlm.softmax_layers(stack)
+            assert np.isfinite(imp[:, heads]).all()
+            assert np.isnan(np.delete(imp, heads, axis=1)).all()
         saved = json.loads(result.save(tmp_path / "result.json").read_text())
         assert list(saved["importance"]) == expected and saved["method"] == method
         assert [tuple(t) for t in saved["top_heads"]] == [tuple(t) for t in result.top_heads()]

@@ -11,7 +11,7 @@ import torch
 
 from mmscope.bench.items import world_items
 from mmscope.core.errors import InputError, NotApplicableError
-from mmscope.core.hooks import mask_attention
+from mmscope.core.hooks import mask_attention, patch
 from mmscope.core.registry import REGISTRY
 from mmscope.core.state import model_state
 from mmscope.core.targets import Predicted, TokenId
@@ -39,7 +39,12 @@ def _stack(vlm):
 
 
 def _refused(vlm, inputs) -> bool:
-    """A dual encoder without a class token (SigLIP) has no position its output is read at."""
+    """A dual encoder without a class token (SigLIP) has no position its output is read at; a
+    model that reads its images through cross-attention (Mllama) has no image positions."""
+    if vlm.capabilities.images_in == "cross_attention":
+        with pytest.raises(NotApplicableError, match="not behind cross-attention"):
+            AttentionKnockout()(vlm, inputs)
+        return True
     if not vlm.contrastive or vlm.CLASS_TOKEN:
         return False
     with pytest.raises(NotApplicableError, match="class token"):
@@ -55,18 +60,28 @@ def test_registered_as_a_token_level_analysis():
 
 def test_a_last_token_cut_off_from_every_key_in_all_layers_is_blind_to_the_image(any_vlm, scenes):
     """With only itself to read in every layer, the last token (CLIP: the class token) gives
-    the same output whatever the image."""
+    the same output whatever the image. A hybrid model (Qwen3.5) masks its softmax layers only;
+    its linear-attention layers' output at the last position is zeroed here as well."""
     first, second, _ = scenes
     inputs = any_vlm.prepare([first, second], [_prompt(any_vlm)] * 2)
     if _refused(any_vlm, inputs):
         return
     target = None if any_vlm.contrastive else TokenId(3)
-    depth = any_vlm.num_layers(_stack(any_vlm))
-    result = AttentionKnockout(window=depth, flows=("all",))(any_vlm, inputs, target)
-    assert result.starts == (0,)
+    where = _stack(any_vlm)
+    layers = any_vlm.softmax_layers(where)
+    cut = {f"{where}[{i}].linear_attn": _zero_last for i in any_vlm.non_softmax_layers(where)}
+    with patch(any_vlm, cut):
+        result = AttentionKnockout(window=len(layers), flows=("all",))(any_vlm, inputs, target)
+    assert result.starts == (layers[0],)
     knocked, clean = result.knocked[:, 0, 0], result.clean
     assert abs(clean[0] - clean[1]) > 1e-3 * abs(clean[0])  # the images matter otherwise
     assert knocked[0] == pytest.approx(knocked[1], rel=1e-6)
+
+
+def _zero_last(value: torch.Tensor) -> torch.Tensor:
+    out = value.clone()
+    out[:, -1] = 0
+    return out
 
 
 def test_an_empty_key_set_changes_nothing_and_a_whole_image_object_is_the_image(tiny_llava, scenes):
@@ -135,7 +150,7 @@ def test_runs_on_every_architecture_and_leaves_the_model_as_found(any_vlm, scene
     before = model_state(any_vlm.model)
     result = AttentionKnockout(flows=FLOWS)(any_vlm, inputs, masks=[masks[0]])
     assert model_state(any_vlm.model) == before
-    depth = any_vlm.num_layers(_stack(any_vlm))
+    depth = len(any_vlm.softmax_layers(_stack(any_vlm)))  # the layers that can be masked
     window = max(1, round(depth / 3))
     assert isinstance(result, KnockoutResult) and result.stack == _stack(any_vlm)
     assert result.knocked.shape == (1, len(FLOWS), depth - window + 1)

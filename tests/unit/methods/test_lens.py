@@ -60,9 +60,14 @@ def test_runs_on_every_architecture_and_leaves_the_model_as_found(any_vlm, scene
     result = make_analysis("logit_lens", k=2, layers=[0, -1])(any_vlm, inputs)
     assert model_state(any_vlm.model) == before
     assert isinstance(result, LensResult) and len(result.layers) == 2
-    span = inputs.image_spans[0][0]
-    assert result.image_map(0).shape == span.grid
-    assert result.patch_tokens(0).shape == span.grid
+    if any_vlm.capabilities.images_in == "cross_attention":  # Mllama: the text positions only
+        assert result.spans == ((),) and result.top_ids.shape[2] == inputs.input_ids.shape[1]
+        with pytest.raises(InputError, match="cross-attention"):
+            result.image_map(0)
+    else:
+        span = inputs.image_spans[0][0]
+        assert result.image_map(0).shape == span.grid
+        assert result.patch_tokens(0).shape == span.grid
     assert np.all((result.top_probs >= 0) & (result.top_probs <= 1))
     d = result.to_dict()
     assert d["layers"] == list(result.layers)

@@ -257,12 +257,18 @@ def test_runs_on_every_architecture(any_vlm, images, preset):
         any_vlm.num_heads(result.settings["stack"]) if preset == "head" else len(result.positions)
     )
     assert result.effect.shape == (2, layers, width)
-    assert np.isfinite(result.effect).all()
+    # layers whose heads are not self-attention (Mllama's cross-attention layers) are NaN
+    no_heads = [int(k.split("[")[1][:-1]) for k in result.settings.get("skipped_layers", {})]
+    assert np.isfinite(np.delete(result.effect, no_heads, axis=1)).all()
+    assert np.isnan(result.effect[:, no_heads]).all()
     assert result.p_clean.shape == result.p_corrupt.shape == (2,)
     assert len(result.tokens[0]) == len(result.positions)
     assert json.dumps(result.to_dict(), allow_nan=False)
     assert result.plot() is not None
-    if preset != "head":
+    if preset != "head" and not result.image_spans[0]:  # images behind cross-attention
+        with pytest.raises(InputError, match="cross-attention"):
+            result.image_effect(0)
+    elif preset != "head":
         span = result.image_spans[0][0]
         assert result.image_effect(0).shape == span.grid
         mass = result.mass_inside(np.ones(span.grid, bool))

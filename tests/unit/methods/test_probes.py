@@ -125,6 +125,9 @@ def test_runs_on_every_architecture_or_says_why(any_vlm):
     res = Probe(folds=2, concepts=("color", "count"), min_cover=0.25)(any_vlm, items)
     assert model_state(any_vlm.model) == before
     assert res.accuracy.shape == (len(res.layers), 2, len(res.kinds))
+    if any_vlm.capabilities.images_in == "cross_attention":  # Mllama: no image rows in the LM
+        assert res.kinds == ("last",)
+        res = Probe(stack="vision.layer", folds=2, concepts=("color",))(any_vlm, items)
     assert "object" in res.kinds
     if any_vlm.name == "tiny-qwen2-vl":  # its vision tower packs every image in one sequence
         with pytest.raises(NotApplicableError):

@@ -155,6 +155,9 @@ def test_every_architecture(any_vlm, scene_image):
     if any_vlm.contrastive:
         with pytest.raises(NotApplicableError, match="contrastive"):
             FastV(layers=(1,))(any_vlm, inputs)
+    elif any_vlm.capabilities.images_in != "sequence":  # Mllama: no image tokens to prune
+        with pytest.raises(NotApplicableError, match="image tokens in the language model"):
+            FastV(layers=(1,))(any_vlm, inputs)
     else:
         result = FastV(layers=(1,), ratios=(0.0, 1.0))(any_vlm, inputs, Predicted())
         assert result.accuracy.shape == (2, 1, 2)

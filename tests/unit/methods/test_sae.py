@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mmscope.bench.items import world_items
-from mmscope.core.errors import InputError
+from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import capture, patch
 from mmscope.core.state import model_state
 from mmscope.methods.embedding.sae import SAEResult, load_sae, train_sae
@@ -73,8 +73,13 @@ def test_save_and_load_round_trip(tmp_path):
 def test_sae_train_study(any_vlm):
     items = world_items(4, seed=0, contrastive=any_vlm.contrastive)
     before = model_state(any_vlm.model)
+    group = "image"
+    if any_vlm.capabilities.images_in == "cross_attention":  # Mllama: no image rows in the LM
+        with pytest.raises(NotApplicableError, match="cross-attention"):
+            study("sae_train", any_vlm, items, epochs=2, expansion=2)
+        group = "text"
     with torch.no_grad():  # training enables grad for itself only
-        result = study("sae_train", any_vlm, items, epochs=2, expansion=2)
+        result = study("sae_train", any_vlm, items, epochs=2, expansion=2, group=group)
         assert not torch.is_grad_enabled()
     assert model_state(any_vlm.model) == before
     site = "vision.layer[-2]" if any_vlm.contrastive else "lm.layer[1]"

@@ -12,13 +12,15 @@ from torch import nn
 from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
 
 import mmscope
+from mmscope.bench import world_items
 from mmscope.core.errors import NotApplicableError, SiteError
 from mmscope.core.hooks import capture, mask_attention
 from mmscope.core.registry import REGISTRY
 from mmscope.core.targets import TokenId
 from mmscope.decoding.opera_search import SITE, repeat_rows, select_rows, site
 from mmscope.methods.layer.heads import HeadImportance
-from mmscope.methods.layer.tracing import _mixer
+from mmscope.methods.layer.tracing import CausalTrace, _mixer
+from mmscope.methods.study import study
 from mmscope.methods.token.knockout import AttentionKnockout
 from mmscope.methods.token.pruning import FastV, flops_saved, layer_flops
 from mmscope.methods.token.sets import block_matrix
@@ -96,7 +98,8 @@ def test_every_role_resolves_to_its_module_type(vlm):
     assert vlm.resolve("lm.layer[2].attn") is layers[2].self_attn
     assert vlm.resolve("lm.layer[-2].linear_attn") is layers[1].linear_attn
     assert vlm.resolve("lm.layer[0].attn.heads") is layers[0].self_attn.o_proj
-    assert vlm.deepstack_layers == () and not hasattr(vlm.model.model.visual, "deepstack_merger_list")
+    assert vlm.deepstack_layers == ()
+    assert not hasattr(vlm.model.model.visual, "deepstack_merger_list")
     assert vlm.resolve("projector") is vlm.model.model.visual.merger
 
 
@@ -105,7 +108,8 @@ def test_layer_types_of_the_tiny_model(vlm):
     assert vlm.layer_types == ("full_attention", "linear_attention", "full_attention")
     assert vlm.softmax_layers("lm.layer") == [0, 2]
     assert vlm.non_softmax_layers("lm.layer") == {1: WHY}
-    assert vlm.softmax_layers("vision.layer") == [0, 1] and not vlm.non_softmax_layers("vision.layer")
+    assert vlm.softmax_layers("vision.layer") == [0, 1]
+    assert vlm.non_softmax_layers("vision.layer") == {}
     assert vlm.num_heads("lm.layer") == 2 and vlm.num_layers("lm.layer") == 3
     assert vlm.capabilities.attention == ("lm.layer",)
 
@@ -213,7 +217,8 @@ def test_fastv_ranks_at_softmax_layers_and_records_the_rest(vlm, one):
     full, kept = layer_flops(n, hidden, inter), layer_flops(n - 3, hidden, inter)  # 3 of 6
     expected = 1 - (2 * full + kept) / (3 * full)  # only lm.layer[2] runs on the kept tokens
     assert result.flops_saved[0, 0] == pytest.approx(expected)
-    assert flops_saved(n, 6, hidden, inter, 3, 1, 0.5) == pytest.approx(1 - (full + 2 * kept) / (3 * full))
+    every = 1 - (full + 2 * kept) / (3 * full)  # FastV's formula: layers 1 and 2 pruned
+    assert flops_saved(n, 6, hidden, inter, 3, 1, 0.5) == pytest.approx(every)
 
 
 def test_head_importance_is_nan_at_the_linear_layer(vlm, one):
@@ -225,12 +230,30 @@ def test_head_importance_is_nan_at_the_linear_layer(vlm, one):
     assert {layer for _, layer, _, _ in result.top_heads(6)} == {0, 2}
 
 
-def test_tracing_restores_each_layers_token_mixer(vlm):
+def test_tracing_restores_each_layers_token_mixer(vlm, one):
     assert [_mixer(vlm, "lm.layer", k) for k in range(3)] == [
         "lm.layer[0].attn",
         "lm.layer[1].linear_attn",
         "lm.layer[2].attn",
     ]
+    attn = CausalTrace(preset="attn", window=1, positions="image")(vlm, one, TokenId(5))
+    assert attn.effect.shape == (1, 3, 6) and "skipped_layers" not in attn.settings
+    with pytest.warns(UserWarning, match="causal_trace"):
+        heads = CausalTrace(preset="head", positions="image")(vlm, one, TokenId(5))
+    assert heads.effect.shape == (1, 3, 2) and np.isnan(heads.effect[:, 1]).all()
+    assert heads.settings["skipped_layers"] == SKIPPED
+
+
+def test_miner_leaves_out_the_linear_layers_only_for_its_attention_scores(vlm):
+    with pytest.warns(UserWarning, match="miner's attention scores skips"):
+        found = study("miner", vlm, world_items(2), progress=False)
+    settings = found.neurons.settings
+    assert settings["sites"] == ["lm.layer[0].mlp.act", "lm.layer[2].mlp.act"]
+    assert settings["skipped_layers"] == SKIPPED
+    plain = study("miner", vlm, world_items(2), weights=(0, 0.5, 0.5, 0, 0), progress=False)
+    assert len(plain.neurons.settings["sites"]) == 3
+    with pytest.raises(NotApplicableError, match=r"lm.layer\[1\]"):
+        study("miner", vlm, world_items(2), sites=("lm.layer[1].mlp.act",), progress=False)
 
 
 def test_opera_reads_the_last_layer_and_repeats_the_linear_states(vlm, one):
@@ -243,7 +266,8 @@ def test_opera_reads_the_last_layer_and_repeats_the_linear_states(vlm, one):
     repeat_rows(cache, 3)
     assert linear.recurrent_states[0].shape[0] == 3 and cache.layers[0].keys.shape[0] == 3
     select_rows(cache, torch.tensor([2]))
-    assert torch.equal(linear.recurrent_states[0], state) and torch.equal(cache.layers[0].keys, keys)
+    assert torch.equal(linear.recurrent_states[0], state)
+    assert torch.equal(cache.layers[0].keys, keys)
 
 
 def test_saved_folder_loads_through_mmscope_load(tmp_path, vlm, images):

@@ -164,8 +164,13 @@ class IntegratedGradients(Attribution):
         if self.baseline == "mean":  # each image's mean token
             sizes = [s.grid[0] * s.grid[1] for s in vlm.flat_spans(inputs)]
             return torch.cat([p.mean(0, keepdim=True).expand_as(p) for p in x.split(sizes)])
-        images = [_baseline_image(im, self.baseline) for item in inputs.images for im in item]
-        pixels = vlm.pixel_values_of(images)
+        images = [[_baseline_image(im, self.baseline) for im in item] for item in inputs.images]
+        pixels = vlm.pixel_values_of([im for item in images for im in item])
+        if pixels.shape != inputs.pixel_values.shape:  # a layout that depends on the prompt
+            # (LLaVA-OneVision tiles an image only when it is alone in its prompt)
+            batch: Any = images if len(images) > 1 else images[0]
+            again = vlm.prepare(batch, list(inputs.prompts))
+            pixels = again.pixel_values.to(inputs.pixel_values)
         if self.space == "pixels":
             return pixels.to(x)
         other = replace(inputs, tensors={**inputs.tensors, "pixel_values": pixels})

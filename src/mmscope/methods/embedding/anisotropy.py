@@ -138,6 +138,7 @@ def _text_tower(
     family="embedding/geometry",
     paper="Wolfe & Caliskan 2022",
     level="model/embedding",
+    needs=("image_positions",),
 )
 class Anisotropy(Study):
     """Mean cosine between random pairs of embeddings per layer, for image and text tokens

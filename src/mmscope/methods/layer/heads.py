@@ -166,11 +166,19 @@ def _groups(vlm: VLM, inputs: Inputs, stack: str, value: torch.Tensor) -> torch.
     return groups.to(value.device)
 
 
-def _group_rows(inputs: Inputs, stack: str) -> torch.Tensor:
-    """The batch row of each group: the item itself, or the item an image belongs to."""
+def _group_rows(
+    inputs: Inputs, stack: str, vlm: VLM | None = None, value: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The batch row of each group: the item itself, or the item an image belongs to (of each
+    tower row, where a batched tower has other rows than views: LLaVA-NeXT's base view and
+    tiles make two views of 1 + tiles rows, ``pixel_rows`` per image)."""
     if not stack.startswith("vision."):
         return torch.arange(inputs.batch_size)
-    return torch.tensor([b for b, item in enumerate(inputs.image_spans) for _ in item])
+    per_span = torch.tensor([b for b, item in enumerate(inputs.image_spans) for _ in item])
+    if vlm is None or value is None or value.dim() != 3 or len(per_span) == value.shape[0]:
+        return per_span
+    per_image = torch.tensor([b for b, item in enumerate(inputs.images) for _ in item])
+    return per_image.repeat_interleave(torch.tensor(vlm.pixel_rows(inputs)))
 
 
 def _group_means(vlm: VLM, inputs: Inputs, stack: str, value: torch.Tensor) -> torch.Tensor:
@@ -193,10 +201,10 @@ def _head_fn(
     """Patch of one ``.heads`` site: ``rows`` ``(batch, heads)`` says per batch row how to scale
     each head (float: a head mask) or which heads to replace (bool) by zero or by the group's
     own mean (``means`` of the untiled groups, ``(groups, heads * head_dim)``)."""
-    group_row, heads = _group_rows(inputs, stack), rows.shape[1]
+    heads = rows.shape[1]
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        groups = _groups(vlm, inputs, stack, x)
+        groups, group_row = _groups(vlm, inputs, stack, x), _group_rows(inputs, stack, vlm, x)
         per = rows.to(x.device)[group_row.to(x.device)[groups]]  # (entries, heads)
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (heads, 1)
         split = x.reshape(*x.shape[:-1], heads, -1)
@@ -362,6 +370,11 @@ def _patterns(vlm: VLM, bound: BoundTarget, heads: list[Head]) -> tuple[HeadPatt
     first_image: dict[int, int] = {}
     for i, b in enumerate(_group_rows(inputs, "vision.layer").tolist()):
         first_image.setdefault(b, i)
+    first_row: dict[int, int] = {}  # the tower row of each item's first image (its first view)
+    tower = vlm.pixel_rows(inputs) if "pixel_values" in inputs.tensors else []
+    before = np.cumsum([0, *tower]).tolist()
+    for i, b in enumerate(b for b, item in enumerate(inputs.images) for _ in item):
+        first_row.setdefault(b, int(before[i]) if tower else i)
     q = bound.positions[0][-1] if bound.positions else inputs.input_ids.shape[1] - 1
     # a vision tower's query: its class token, else the pooling weights of a dual encoder's
     # image embedding (SigLIP's probe), else the mean over the patches' own rows
@@ -385,7 +398,7 @@ def _patterns(vlm: VLM, bound: BoundTarget, heads: list[Head]) -> tuple[HeadPatt
             elif pooled is not None:
                 row = (pooled[first_image[b]] @ probs[first_image[b], h])[-rows * cols :]
             else:
-                row = probs[first_image[b], h, :, -rows * cols :].mean(0)
+                row = probs[first_row[b], h, :, -rows * cols :].mean(0)
             maps.append(row.reshape(rows, cols).numpy() if row.numel() == rows * cols else None)
         query = f"position {q}" if s == "lm.layer" else vision_query
         out.append(HeadPattern(s, layer, h, query, tuple(maps)))

@@ -32,11 +32,14 @@ def object_cells(
     left, top, right, bottom = span.crop
     if right > left and bottom > top:
         box = (int(round(top)), int(round(bottom)), int(round(left)), int(round(right)))
-        mask = mask[box[0] : box[1], box[2] : box[3]]
-        # a box past the image's edge (Mllama's padded tile canvas): nothing of the mask there
-        short = (box[1] - box[0] - mask.shape[0], box[3] - box[2] - mask.shape[1])
-        if max(short) > 0:
-            mask = np.pad(mask, ((0, max(0, short[0])), (0, max(0, short[1]))))
+        # a box past the image's edges (Mllama's padded tile canvas, LLaVA-NeXT's unpadded
+        # tiles, OneVision's square): nothing of the mask there
+        window = np.zeros((max(0, box[1] - box[0]), max(0, box[3] - box[2])), dtype=bool)
+        y0, y1 = max(box[0], 0), min(box[1], mask.shape[0])
+        x0, x1 = max(box[2], 0), min(box[3], mask.shape[1])
+        if y1 > y0 and x1 > x0:
+            window[y0 - box[0] : y1 - box[0], x0 - box[2] : x1 - box[2]] = mask[y0:y1, x0:x1]
+        mask = window
     rows, cols = span.grid
     if mask.shape[0] < rows or mask.shape[1] < cols:
         raise InputError(f"a {mask.shape} mask is smaller than the {span.grid} token grid")
