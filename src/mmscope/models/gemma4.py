@@ -67,10 +67,13 @@ from mmscope.core.registry import register
 from mmscope.models.base import parse_site
 from mmscope.models.decoder import DecoderVLM
 from mmscope.models.gemma3 import Gemma3VLM
+from mmscope.models.roles import decoder_lm_roles, layer_lists, stack_roles
 
 FALLBACK = "<|turn>user\n{images}{prompt}<turn|>\n<|turn>model\n"
 _V = "model.vision_tower.encoder.layers"
 _L = "model.language_model.layers"
+#: A Gemma 4 vision layer: its output projection wraps a clippable ``linear``.
+GEMMA4_VISION_LAYER = {"attn": "self_attn", "heads": "self_attn.o_proj.linear", "act": "mlp.act_fn"}
 #: Roles only some checkpoints have, with the text-config field that switches them on.
 OPTIONAL_ROLES = {
     "lm.layer.mlp.router": "enable_moe_block",
@@ -122,27 +125,16 @@ class Gemma4VLM(Gemma3VLM):
     """Adapter for ``Gemma4ForConditionalGeneration`` (Google 2026, Gemma 4), images only."""
 
     family = "gemma4"
-    LAYER_LISTS = {"vision.layer": _V, "lm.layer": _L}
     ROLES = {
         "vision.embed": "model.vision_tower.patch_embedder",
-        "vision.layer": _V + ".{i}",
-        "vision.layer.attn": _V + ".{i}.self_attn",
-        "vision.layer.attn.heads": _V + ".{i}.self_attn.o_proj.linear",
-        "vision.layer.mlp": _V + ".{i}.mlp",
-        "vision.layer.mlp.act": _V + ".{i}.mlp.act_fn",
+        **stack_roles("vision.layer", _V, GEMMA4_VISION_LAYER),
         "projector": "model.embed_vision",
-        "lm.embed": "model.language_model.embed_tokens",
+        **decoder_lm_roles(),
         "lm.embed.per_layer": "model.language_model.embed_tokens_per_layer",
-        "lm.layer": _L + ".{i}",
-        "lm.layer.attn": _L + ".{i}.self_attn",
-        "lm.layer.attn.heads": _L + ".{i}.self_attn.o_proj",
-        "lm.layer.mlp": _L + ".{i}.mlp",
-        "lm.layer.mlp.act": _L + ".{i}.mlp.act_fn",
         "lm.layer.mlp.router": _L + ".{i}.router",
         "lm.layer.mlp.experts": _L + ".{i}.experts",
-        "lm.norm": "model.language_model.norm",
-        "lm_head": "lm_head",
     }
+    LAYER_LISTS = layer_lists(ROLES)
 
     @classmethod
     def load_processor(cls, source: Any, trust_remote_code: bool = False) -> Any:

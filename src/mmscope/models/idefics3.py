@@ -47,10 +47,10 @@ from mmscope.core.images import ImageLike
 from mmscope.core.inputs import ImageSpan, Inputs
 from mmscope.core.registry import register
 from mmscope.models.decoder import DecoderVLM
+from mmscope.models.roles import decoder_lm_roles, layer_lists
 from mmscope.models.siglip_tower import patch_grids, siglip_vision_roles
 from mmscope.models.spans import image_runs, prompt_positions
 
-_L = "model.text_model.layers"
 _VISION_ROLES, _VISION_LISTS = siglip_vision_roles("model.vision_model")
 FALLBACK = "User:{images}{prompt}<end_of_utterance>\nAssistant:"
 
@@ -69,19 +69,12 @@ class Idefics3VLM(DecoderVLM):
     SmolVLM)."""
 
     family = "idefics3"
-    LAYER_LISTS = {**_VISION_LISTS, "lm.layer": _L}
     ROLES = {
         **_VISION_ROLES,
         "projector": "model.connector",
-        "lm.embed": "model.text_model.embed_tokens",
-        "lm.layer": _L + ".{i}",
-        "lm.layer.attn": _L + ".{i}.self_attn",
-        "lm.layer.attn.heads": _L + ".{i}.self_attn.o_proj",
-        "lm.layer.mlp": _L + ".{i}.mlp",
-        "lm.layer.mlp.act": _L + ".{i}.mlp.act_fn",
-        "lm.norm": "model.text_model.norm",
-        "lm_head": "lm_head",
+        **decoder_lm_roles("model.text_model"),
     }
+    LAYER_LISTS = layer_lists(ROLES)
     CAM_SITE = "vision.layer[-2]"
 
     @property

@@ -51,9 +51,15 @@ from mmscope.core.inputs import ImageSpan, Inputs
 from mmscope.core.registry import register
 from mmscope.models.decoder import DecoderVLM
 from mmscope.models.qwen2_vl import ImageOnlyProcessor
+from mmscope.models.roles import decoder_lm_roles, layer_lists, stack_roles
 
 _V = "model.vision_tower.encoder.layer"
-_L = "model.language_model.layers"
+#: InternViT's layer: ``attention.projection_layer``, ``mlp.activation_fn``.
+INTERN_VIT_LAYER = {
+    "attn": "attention",
+    "heads": "attention.projection_layer",
+    "act": "mlp.activation_fn",
+}
 FALLBACK = "<|im_start|>user\n{images}\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -115,24 +121,13 @@ class InternVLVLM(DecoderVLM):
 
     family = "internvl"
     CLASS_TOKEN = True  # InternViT's; the projector drops it ("default" feature strategy)
-    LAYER_LISTS = {"vision.layer": _V, "lm.layer": _L}
     ROLES = {
         "vision.embed": "model.vision_tower.embeddings",
-        "vision.layer": _V + ".{i}",
-        "vision.layer.attn": _V + ".{i}.attention",
-        "vision.layer.attn.heads": _V + ".{i}.attention.projection_layer",
-        "vision.layer.mlp": _V + ".{i}.mlp",
-        "vision.layer.mlp.act": _V + ".{i}.mlp.activation_fn",
+        **stack_roles("vision.layer", _V, INTERN_VIT_LAYER),
         "projector": "model.multi_modal_projector",
-        "lm.embed": "model.language_model.embed_tokens",
-        "lm.layer": _L + ".{i}",
-        "lm.layer.attn": _L + ".{i}.self_attn",
-        "lm.layer.attn.heads": _L + ".{i}.self_attn.o_proj",
-        "lm.layer.mlp": _L + ".{i}.mlp",
-        "lm.layer.mlp.act": _L + ".{i}.mlp.act_fn",
-        "lm.norm": "model.language_model.norm",
-        "lm_head": "lm_head",
+        **decoder_lm_roles(),
     }
+    LAYER_LISTS = layer_lists(ROLES)
 
     @property
     def CAM_SITE(self) -> str:  # type: ignore[override]  # noqa: N802  (the base's class constant)

@@ -9,10 +9,8 @@ from PIL import Image
 
 from mmscope.core.registry import register
 from mmscope.models.decoder import DecoderVLM
+from mmscope.models.roles import decoder_lm_roles, layer_lists, vision_tower_roles
 from mmscope.models.spans import resize_crop_box
-
-_V = "model.vision_tower.encoder.layers"
-_L = "model.language_model.layers"
 
 
 @register("llava", kind="adapter", hf_classes=("LlavaForConditionalGeneration",))
@@ -21,24 +19,12 @@ class LlavaVLM(DecoderVLM):
 
     family = "llava"
     CLASS_TOKEN = True  # CLIP's tower (the projector drops it with the "default" strategy)
-    LAYER_LISTS = {"vision.layer": _V, "lm.layer": _L}
     ROLES = {
-        "vision.embed": "model.vision_tower.embeddings",
-        "vision.layer": _V + ".{i}",
-        "vision.layer.attn": _V + ".{i}.self_attn",
-        "vision.layer.attn.heads": _V + ".{i}.self_attn.out_proj",
-        "vision.layer.mlp": _V + ".{i}.mlp",
-        "vision.layer.mlp.act": _V + ".{i}.mlp.activation_fn",
+        **vision_tower_roles("model.vision_tower"),
         "projector": "model.multi_modal_projector",
-        "lm.embed": "model.language_model.embed_tokens",
-        "lm.layer": _L + ".{i}",
-        "lm.layer.attn": _L + ".{i}.self_attn",
-        "lm.layer.attn.heads": _L + ".{i}.self_attn.o_proj",
-        "lm.layer.mlp": _L + ".{i}.mlp",
-        "lm.layer.mlp.act": _L + ".{i}.mlp.act_fn",
-        "lm.norm": "model.language_model.norm",
-        "lm_head": "lm_head",
+        **decoder_lm_roles(),
     }
+    LAYER_LISTS = layer_lists(ROLES)
 
     @property
     def CAM_SITE(self) -> str:  # type: ignore[override]  # noqa: N802  (the base's class constant)

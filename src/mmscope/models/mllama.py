@@ -65,6 +65,7 @@ from mmscope.core.inputs import ImageSpan, Inputs
 from mmscope.core.registry import register
 from mmscope.models.base import parse_site
 from mmscope.models.decoder import DecoderVLM
+from mmscope.models.roles import decoder_lm_roles, layer_lists, stack_roles
 
 _V = "model.vision_model"
 _LOCAL = _V + ".transformer.layers"
@@ -73,14 +74,8 @@ _L = "model.language_model.layers"
 FALLBACK = "{images}<|begin_of_text|>{prompt}"
 
 
-def _vision_roles(prefix: str, layers: str) -> dict[str, str]:
-    return {
-        prefix: layers + ".{i}",
-        prefix + ".attn": layers + ".{i}.self_attn",
-        prefix + ".attn.heads": layers + ".{i}.self_attn.o_proj",
-        prefix + ".mlp": layers + ".{i}.mlp",
-        prefix + ".mlp.act": layers + ".{i}.mlp.activation_fn",
-    }
+#: Mllama's vision layers: ``self_attn.o_proj``, ``mlp.activation_fn``.
+VISION_LAYER = {"attn": "self_attn", "heads": "self_attn.o_proj", "act": "mlp.activation_fn"}
 
 
 @dataclass(frozen=True)
@@ -112,24 +107,17 @@ class MllamaVLM(DecoderVLM):
     family = "mllama"
     IMAGES_IN = "cross_attention"
     CLASS_TOKEN = True  # every tile starts with one; the projector keeps it (outside spans)
-    LAYER_LISTS = {"vision.layer": _LOCAL, "vision.global.layer": _GLOBAL, "lm.layer": _L}
     ROLES = {
         "vision.embed": _V + ".patch_embedding",
-        **_vision_roles("vision.layer", _LOCAL),
+        **stack_roles("vision.layer", _LOCAL, VISION_LAYER),
         "vision.norm": _V + ".layernorm_post",  # after the local layers, before the global
-        **_vision_roles("vision.global.layer", _GLOBAL),
+        **stack_roles("vision.global.layer", _GLOBAL, VISION_LAYER),
         "projector": "model.multi_modal_projector",
-        "lm.embed": "model.language_model.embed_tokens",
-        "lm.layer": _L + ".{i}",
-        "lm.layer.attn": _L + ".{i}.self_attn",
-        "lm.layer.attn.heads": _L + ".{i}.self_attn.o_proj",
+        **decoder_lm_roles(),
         "lm.layer.cross_attn": _L + ".{i}.cross_attn",
         "lm.layer.cross_attn.heads": _L + ".{i}.cross_attn.o_proj",
-        "lm.layer.mlp": _L + ".{i}.mlp",
-        "lm.layer.mlp.act": _L + ".{i}.mlp.act_fn",
-        "lm.norm": "model.language_model.norm",
-        "lm_head": "lm_head",
     }
+    LAYER_LISTS = layer_lists(ROLES)
     ATTENTION_ROLES = (
         "lm.layer.attn",
         "lm.layer.cross_attn",

@@ -38,10 +38,10 @@ from mmscope.core.images import ImageLike
 from mmscope.core.inputs import Inputs
 from mmscope.core.registry import register
 from mmscope.models.decoder import DecoderVLM
+from mmscope.models.roles import decoder_lm_roles, layer_lists
 from mmscope.models.siglip_tower import patch_grids, siglip_vision_roles
 from mmscope.models.spans import image_runs
 
-_L = "model.language_model.layers"
 _VISION_ROLES, _VISION_LISTS = siglip_vision_roles("model.vision_tower")
 
 
@@ -50,19 +50,12 @@ class PaliGemmaVLM(DecoderVLM):
     """Adapter for ``PaliGemmaForConditionalGeneration`` (Beyer et al. 2024, PaliGemma)."""
 
     family = "paligemma"
-    LAYER_LISTS = {**_VISION_LISTS, "lm.layer": _L}
     ROLES = {
         **_VISION_ROLES,
         "projector": "model.multi_modal_projector",
-        "lm.embed": "model.language_model.embed_tokens",
-        "lm.layer": _L + ".{i}",
-        "lm.layer.attn": _L + ".{i}.self_attn",
-        "lm.layer.attn.heads": _L + ".{i}.self_attn.o_proj",
-        "lm.layer.mlp": _L + ".{i}.mlp",
-        "lm.layer.mlp.act": _L + ".{i}.mlp.act_fn",
-        "lm.norm": "model.language_model.norm",
-        "lm_head": "lm_head",
+        **decoder_lm_roles(),
     }
+    LAYER_LISTS = layer_lists(ROLES)
     CAM_SITE = "vision.layer[-2]"
     #: ``token_type_ids`` of appended tokens: 1, the causal suffix after the prefix.
     EXTEND_FILL: ClassVar[dict[str, int]] = {"token_type_ids": 1}

@@ -35,9 +35,12 @@ from mmscope.core.errors import InputError
 from mmscope.core.inputs import Inputs
 from mmscope.core.registry import register
 from mmscope.models.decoder import DecoderVLM
+from mmscope.models.roles import decoder_lm_roles, layer_lists, stack_roles
 
 _V = "model.visual.blocks"
 _L = "model.language_model.layers"
+#: A Qwen2-VL vision block: ``attn.proj``, ``mlp.act``.
+QWEN_VISION_LAYER = {"attn": "attn", "heads": "attn.proj", "act": "mlp.act"}
 
 
 class ImageOnlyProcessor(ProcessorMixin):
@@ -80,24 +83,13 @@ class Qwen2VLVLM(DecoderVLM):
     """Adapter for ``Qwen2VLForConditionalGeneration`` (Wang et al. 2024, Qwen2-VL)."""
 
     family = "qwen2_vl"
-    LAYER_LISTS = {"vision.layer": _V, "lm.layer": _L}
     ROLES = {
         "vision.embed": "model.visual.patch_embed",
-        "vision.layer": _V + ".{i}",
-        "vision.layer.attn": _V + ".{i}.attn",
-        "vision.layer.attn.heads": _V + ".{i}.attn.proj",
-        "vision.layer.mlp": _V + ".{i}.mlp",
-        "vision.layer.mlp.act": _V + ".{i}.mlp.act",
+        **stack_roles("vision.layer", _V, QWEN_VISION_LAYER),
         "projector": "model.visual.merger",
-        "lm.embed": "model.language_model.embed_tokens",
-        "lm.layer": _L + ".{i}",
-        "lm.layer.attn": _L + ".{i}.self_attn",
-        "lm.layer.attn.heads": _L + ".{i}.self_attn.o_proj",
-        "lm.layer.mlp": _L + ".{i}.mlp",
-        "lm.layer.mlp.act": _L + ".{i}.mlp.act_fn",
-        "lm.norm": "model.language_model.norm",
-        "lm_head": "lm_head",
+        **decoder_lm_roles(),
     }
+    LAYER_LISTS = layer_lists(ROLES)
     #: Only the LM returns probabilities; the vision attention returns a bare tensor.
     ATTENTION_ROLES = ("lm.layer.attn",)
     #: The merger layer-normalises the last block's patches, which makes sum(grad * act) vanish

@@ -22,9 +22,9 @@ from mmscope.core.images import ImageLike, load_images
 from mmscope.core.inputs import ImageSpan, Inputs
 from mmscope.core.registry import register
 from mmscope.models.clip import ClipVLM
+from mmscope.models.roles import CLIP_LAYER, layer_lists, stack_roles, vision_tower_roles
 from mmscope.models.spans import resize_crop_box
 
-_V = "vision_model.encoder.layers"
 _T = "text_model.encoder.layers"
 
 
@@ -38,29 +38,19 @@ class SiglipVLM(ClipVLM):
     CLASS_TOKEN = False
     #: The attention-pooling head reads every patch of the last block, so CAMs read it too.
     CAM_SITE = "vision.layer[-1]"
-    LAYER_LISTS = {"vision.layer": _V, "text.layer": _T}
     ATTENTION_ROLES = ("vision.layer.attn", "text.layer.attn")
     ROLES = {
-        "vision.embed": "vision_model.embeddings",
-        "vision.layer": _V + ".{i}",
-        "vision.layer.attn": _V + ".{i}.self_attn",
-        "vision.layer.attn.heads": _V + ".{i}.self_attn.out_proj",
-        "vision.layer.mlp": _V + ".{i}.mlp",
-        "vision.layer.mlp.act": _V + ".{i}.mlp.activation_fn",
-        "vision.norm": "vision_model.post_layernorm",
+        **vision_tower_roles("vision_model", norm="post_layernorm"),
         # the pooled image embedding (SigLIP has no projection after it)
         "vision.head": "vision_model.head",
         "vision.head.attn": "vision_model.head.attention",
         "vision.head.mlp": "vision_model.head.mlp",
         "text.embed": "text_model.embeddings",
-        "text.layer": _T + ".{i}",
-        "text.layer.attn": _T + ".{i}.self_attn",
-        "text.layer.attn.heads": _T + ".{i}.self_attn.out_proj",
-        "text.layer.mlp": _T + ".{i}.mlp",
-        "text.layer.mlp.act": _T + ".{i}.mlp.activation_fn",
+        **stack_roles("text.layer", _T, CLIP_LAYER),
         "text.norm": "text_model.final_layer_norm",
         "text.proj": "text_model.head",
     }
+    LAYER_LISTS = layer_lists(ROLES)
 
     @property
     def max_text_length(self) -> int:

@@ -12,20 +12,13 @@ from __future__ import annotations
 
 import torch
 
+from mmscope.models.roles import layer_lists, vision_tower_roles
+
 
 def siglip_vision_roles(tower: str) -> tuple[dict[str, str], dict[str, str]]:
     """The vision roles and layer list of a ``SiglipVisionModel`` at module path ``tower``."""
-    layers = f"{tower}.encoder.layers"
-    roles = {
-        "vision.embed": f"{tower}.embeddings",
-        "vision.layer": layers + ".{i}",
-        "vision.layer.attn": layers + ".{i}.self_attn",
-        "vision.layer.attn.heads": layers + ".{i}.self_attn.out_proj",
-        "vision.layer.mlp": layers + ".{i}.mlp",
-        "vision.layer.mlp.act": layers + ".{i}.mlp.activation_fn",
-        "vision.norm": f"{tower}.post_layernorm",
-    }
-    return roles, {"vision.layer": layers}
+    roles = vision_tower_roles(tower, norm="post_layernorm")
+    return roles, layer_lists(roles)
 
 
 def patch_grids(value: torch.Tensor, side: int) -> list[torch.Tensor]:
