@@ -110,8 +110,8 @@ def main() -> None:
         return
     rows = []
     for case in CASES:
-        cmd = [sys.executable, __file__, "--case", case, "--layers", str(args.layers),
-               "--width", str(args.width), "--heads", str(args.heads), "--side", str(args.side)]  # fmt: skip
+        sizes = [f"--{k}={v}" for k, v in zip(("layers", "width", "heads", "side"), shape)]
+        cmd = [sys.executable, __file__, "--case", case, *sizes]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     base = rows[0]["peak_mb"] or 1.0

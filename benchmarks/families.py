@@ -2,7 +2,7 @@
 
     python benchmarks/families.py [--json] [--markdown]
 
-For every tiny model of ``mmscope.models.tiny.TINY`` (one per adapter family), every attribution
+For every tiny model of ``mmscope.toys.tiny.TINY`` (one per adapter family), every attribution
 method, analysis and decoder is run once on two world images with cheap settings; an entry
 either runs, or is refused with ``NotApplicableError`` (its reason is kept), or fails (a bug:
 the contract suite in ``tests/contract`` fails too). Studies and metrics are listed by their
@@ -24,7 +24,7 @@ from mmscope.methods.analysis import analyses
 from mmscope.methods.explain import attribution_methods, make_method
 from mmscope.methods.inside import analyse
 from mmscope.models.capabilities import applicability
-from mmscope.models.tiny import TINY, build_tiny
+from mmscope.toys.tiny import TINY, build_tiny
 from mmscope.world import render, sample_scenes
 
 #: Cheap settings (the contract suite's); defaults are exercised in the unit tests.

@@ -32,11 +32,11 @@ from typing import Any
 
 import torch
 
-from mmscope.bench import world_items
 from mmscope.core.targets import Predicted, TokenId
 from mmscope.methods.analysis import stack
 from mmscope.methods.layer.tracing import CausalTrace
 from mmscope.models import load
+from mmscope.world.items import world_items
 
 
 def _sync() -> None:

@@ -2,7 +2,7 @@
 
     python benchmarks/layout.py [--tokens 1024] [--repeats 5] [--threads 2] [--json]
 
-A tiny random Qwen2.5-VL (``mmscope.models.tiny``) whose processor is allowed ``--tokens``
+A tiny random Qwen2.5-VL (``mmscope.toys.tiny``) whose processor is allowed ``--tokens``
 merged cells gets a square image of exactly that many image tokens. Times (minimum over
 ``repeats``, after a warm-up) of: the Hugging Face processor alone (resize, normalise, expand
 the image placeholder), mmscope's ``prepare`` (the processor plus the spans: where each image's
@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mmscope.models.tiny import build_tiny
-from mmscope.models.tiny.qwen2_vl import FACTOR
+from mmscope.toys.tiny import build_tiny
+from mmscope.toys.tiny.qwen2_vl import FACTOR
 
 PROMPT = "what color is the circle ?"
 

@@ -18,8 +18,9 @@ from collections import defaultdict
 
 import torch
 
-from mmscope.bench import BenchConfig, run_leaderboard, world_items
+from mmscope.bench import BenchConfig, run_leaderboard
 from mmscope.models import load
+from mmscope.world.items import world_items
 
 
 def main() -> None:

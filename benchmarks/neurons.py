@@ -31,12 +31,12 @@ from typing import Any
 
 import torch
 
-from mmscope.bench import world_items
 from mmscope.core.hooks import patch
 from mmscope.methods.activations import batches
 from mmscope.methods.neuron.accumulate import Accumulator, RowCache
 from mmscope.methods.neuron.stats import NeuronStatsStudy, default_sites
 from mmscope.models import load
+from mmscope.world.items import world_items
 
 
 def _sync() -> None:

@@ -26,7 +26,8 @@ from mmscope.models.loading import toy_path
 from mmscope.toys import build
 from mmscope.toys.data import SceneBank
 from mmscope.toys.evaluate import eval_llava
-from mmscope.toys.train import TRAIN_SEED, Recipe, save_toy, train_llava, weights_sha256
+from mmscope.toys.train import Recipe, save_toy, train_llava, weights_sha256
+from mmscope.world.seeds import TRAIN_SEED
 
 
 def _recipe(settings: list[str]) -> Recipe:

@@ -11,7 +11,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def _tiny_names() -> list[str]:
-    from mmscope.models.tiny import TINY
+    from mmscope.toys.tiny import TINY
 
     return list(TINY)
 
@@ -22,7 +22,7 @@ TINY_NAMES = _tiny_names()
 def _tiny_fixture(name: str):
     @pytest.fixture(scope="session", name=name)
     def build():
-        from mmscope.models.tiny import build_tiny
+        from mmscope.toys.tiny import build_tiny
 
         return build_tiny(name)
 
@@ -35,7 +35,7 @@ for _name in TINY_NAMES:
 
 @pytest.fixture(params=TINY_NAMES)
 def any_vlm(request):
-    """Each supported architecture in turn (every entry of ``mmscope.models.tiny.TINY``)."""
+    """Each supported architecture in turn (every entry of ``mmscope.toys.tiny.TINY``)."""
     return request.getfixturevalue(request.param)
 
 

@@ -42,7 +42,7 @@ def _inputs(vlm, image):
 
 
 def test_every_adapter_has_a_tiny_model():
-    from mmscope.models.tiny import TINY
+    from mmscope.toys.tiny import TINY
 
     families = {entry.obj.family for entry in REGISTRY.entries("adapter")}
     assert {"llava", "clip", "qwen2_vl"} <= families

@@ -10,7 +10,6 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from mmscope.bench.items import world_items
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import patch
 from mmscope.core.registry import REGISTRY
@@ -18,6 +17,7 @@ from mmscope.core.state import model_state
 from mmscope.methods.analysis import Result, jsonable
 from mmscope.methods.neuron.base import NeuronSet
 from mmscope.methods.study import KIND, studies, study, write_table
+from mmscope.world.items import world_items
 
 #: Cheaper settings for costly studies (applied where the study has the setting); their
 #: defaults are exercised in their unit tests.

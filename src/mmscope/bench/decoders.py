@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmscope.bench.items import BENCH_SEED, world_items
 from mmscope.decoding import make_decoder
 from mmscope.metrics.base import bootstrap_interval
 from mmscope.metrics.hallucination import Chair, Pope, pope_scores
+from mmscope.world.items import world_items
+from mmscope.world.seeds import BENCH_SEED
 
 if TYPE_CHECKING:
     from mmscope.models.base import VLM

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mmscope.bench.baselines import OracleMap, RandomMap
-from mmscope.bench.items import BenchItem
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.targets import Predicted, Target, TokenId, default_target
 from mmscope.core.validate import integer, positive_int
 from mmscope.methods.explain import attribution_methods, make_method
 from mmscope.metrics.base import Case, MetricResult, make_metric, metric_keys
+from mmscope.world.items import BenchItem
 
 if TYPE_CHECKING:
     from mmscope.models.base import VLM

@@ -27,10 +27,11 @@ DEMO_SECTIONS = (
 def _bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from mmscope.bench import BenchConfig, load_items, run_leaderboard, world_items
+    from mmscope.bench import BenchConfig, load_items, run_leaderboard
     from mmscope.bench.report import write_leaderboard
     from mmscope.core.context import check_prompts
     from mmscope.models import load
+    from mmscope.world.items import world_items
 
     split = lambda text: tuple(k for k in (text or "").split(",") if k)  # noqa: E731
     subsets = {}

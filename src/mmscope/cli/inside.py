@@ -107,7 +107,7 @@ def add_commands(sub: Any) -> None:
 
 def _world(vlm: Any, args: argparse.Namespace) -> tuple[Any, list[Any], list[str]]:
     """(inputs, masks, answers) of ``--n`` world questions."""
-    from mmscope.bench.items import world_items
+    from mmscope.world.items import world_items
 
     items = world_items(args.n, seed=args.seed, contrastive=vlm.contrastive)
     inputs = vlm.prepare([it.image for it in items], [it.prompt for it in items])
@@ -144,7 +144,7 @@ def _target(vlm: Any, args: argparse.Namespace, answers: list[str]) -> Any:
 
 def _first_token_data(vlm: Any, args: argparse.Namespace) -> tuple[Any, list[bool]]:
     """``--n`` answerable and ``--n`` unanswerable world questions, with their labels."""
-    from mmscope.bench.items import answerability_items
+    from mmscope.world.items import answerability_items
 
     items = answerability_items(args.n, args.seed)
     inputs = vlm.prepare([it.image for it in items], [it.prompt for it in items])

@@ -129,10 +129,11 @@ def _loader(spec: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmscope.bench.items import load_items, world_items
+    from mmscope.bench.items import load_items
     from mmscope.core.context import check_prompts
     from mmscope.methods.study import KIND, study, write_table
     from mmscope.models import load
+    from mmscope.world.items import world_items
 
     command: Command = args.study_command
     key = getattr(args, "method", None) or command.studies[0]

@@ -11,6 +11,7 @@ without a stack. Adapters resolve sites (``VLM.resolve``); ``parse_site`` splits
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mmscope.core.errors import SiteError
@@ -28,8 +29,8 @@ class Site:
     part: str = ""
 
     def __post_init__(self) -> None:
-        for name in (self.stack, self.part):
-            if name and not _NAME.match(name):
+        for name in (self.stack, self.part) if self.part else (self.stack,):
+            if not _NAME.match(name):
                 raise SiteError(f"{name!r} is not a role name (dotted lower-case words)")
         if self.layer is not None and (
             isinstance(self.layer, bool) or not isinstance(self.layer, int)
@@ -54,7 +55,10 @@ class Site:
         if not found:
             return cls(text)
         match = found[0]
-        return cls(text[: match.start()], int(match.group(1)), text[match.end() :].lstrip("."))
+        rest = text[match.end() :]
+        if rest and (not rest.startswith(".") or rest == "."):
+            raise SiteError(f"site {text!r}: what follows the index starts with '.' and a name")
+        return cls(text[: match.start()], int(match.group(1)), rest[1:])
 
 
 def site(stack: str, layer: int | None = None, part: str = "") -> str:
@@ -62,7 +66,7 @@ def site(stack: str, layer: int | None = None, part: str = "") -> str:
     return str(Site(stack, layer, part))
 
 
-def sites(stack: str, layers: range | list[int], part: str = "") -> list[str]:
+def sites(stack: str, layers: Iterable[int], part: str = "") -> list[str]:
     """``site(stack, i, part)`` for every ``i`` of ``layers``."""
     return [site(stack, i, part) for i in layers]
 

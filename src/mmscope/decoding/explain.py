@@ -15,6 +15,7 @@ import torch
 from mmscope.core.errors import InputError
 from mmscope.core.explanation import Explanation
 from mmscope.core.hooks import capture
+from mmscope.core.sites import site
 from mmscope.core.targets import TokenId
 from mmscope.decoding.base import make_decoder
 from mmscope.methods.analysis import Result, jsonable
@@ -113,7 +114,7 @@ def _attention(vlm: VLM, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
     at the layers without softmax attention)."""
     n = vlm.num_layers("lm.layer")
     layers, _ = softmax_only(vlm, "lm.layer", range(n), "explain_hallucination")
-    sites = [f"lm.layer[{i}].attn.probs" for i in layers]
+    sites = [site("lm.layer", i, "attn.probs") for i in layers]
     with torch.no_grad(), capture(vlm, sites) as cap:
         vlm.forward(inputs)
     lm = [span for span in inputs.image_spans[0] if span.sequence == "lm"]

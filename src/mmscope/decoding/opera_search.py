@@ -21,6 +21,7 @@ from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import capture
+from mmscope.core.sites import Site
 from mmscope.decoding.opera_state import (
     Beams,
     Retrospection,
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
 #: Where the attention is read: the language model's last layer, its probabilities (on a
 #: hybrid model whose last layer has no softmax attention, the last one that has: ``site``).
-SITE = "lm.layer[-1].attn.probs"
+SITE = str(Site("lm.layer", -1, "attn.probs"))
 #: The first response tokens are penalised by their attention on the image instead.
 EARLY = 10
 _PER_IMAGE = ("image_grid_thw", "image_sizes", "image_position_ids")
@@ -99,7 +100,9 @@ def site(vlm: VLM) -> str:
             f"OPERA reads softmax attention, and no layer of {vlm.name}'s language model has any"
         )
     last = layers[-1]
-    return SITE if last == vlm.num_layers("lm.layer") - 1 else f"lm.layer[{last}].attn.probs"
+    if last == vlm.num_layers("lm.layer") - 1:
+        return SITE
+    return str(Site("lm.layer", last, "attn.probs"))
 
 
 def run(vlm: VLM, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:

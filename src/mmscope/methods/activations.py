@@ -23,9 +23,9 @@ from mmscope.core.hooks import capture
 from mmscope.core.validate import positive_int
 
 if TYPE_CHECKING:
-    from mmscope.bench.items import BenchItem
     from mmscope.core.inputs import Inputs
     from mmscope.models.base import VLM
+    from mmscope.world.items import BenchItem
 
 GROUPS = ("image", "text", "last", "class")
 

@@ -23,8 +23,8 @@ from mmscope.core.registry import REGISTRY
 from mmscope.models.capabilities import checks_needs
 
 if TYPE_CHECKING:
-    from mmscope.bench.items import BenchItem
     from mmscope.models.base import VLM
+    from mmscope.world.items import BenchItem
 
 KIND = "study"
 

@@ -21,9 +21,9 @@ from mmscope.core.registry import register
 from mmscope.core.result import Result, new_figure
 from mmscope.metrics.base import LEVEL, bootstrap_ci, bootstrap_interval
 from mmscope.models.capabilities import require
-from mmscope.toys.evaluate import EVAL_SEED
 from mmscope.world import DESCRIBE_PROMPT, pope_questions, render, sample_scenes
 from mmscope.world.captions import caption_objects
+from mmscope.world.seeds import EVAL_SEED
 
 if TYPE_CHECKING:
     from mmscope.core.images import ImageLike

@@ -18,6 +18,7 @@ import torch
 from mmscope.core.errors import InputError
 from mmscope.core.explanation import Explanation
 from mmscope.core.registry import register
+from mmscope.core.sites import site
 from mmscope.core.validate import positive_int, valid_seed
 from mmscope.metrics.base import LEVEL, Case, Metric
 
@@ -35,11 +36,11 @@ def cascade_sites(vlm: VLM) -> list[str]:
     sites += [r for r in heads if r in vlm.ROLES]
     if not vlm.contrastive:
         if "lm.layer" in vlm.LAYER_LISTS:
-            sites += [f"lm.layer[{i}]" for i in reversed(range(vlm.num_layers("lm.layer")))]
+            sites += [site("lm.layer", i) for i in reversed(range(vlm.num_layers("lm.layer")))]
         if "projector" in vlm.ROLES:
             sites.append("projector")
     if "vision.layer" in vlm.LAYER_LISTS:
-        sites += [f"vision.layer[{i}]" for i in reversed(range(vlm.num_layers("vision.layer")))]
+        sites += [site("vision.layer", i) for i in reversed(range(vlm.num_layers("vision.layer")))]
     return sites
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from mmscope.core.errors import InputError, NotApplicableError, SiteError
 from mmscope.core.images import ImageLike, load_images
 from mmscope.core.inputs import ImageSpan, Inputs
-from mmscope.core.sites import parse_site
+from mmscope.core.sites import parse_site, site
 from mmscope.models.capabilities import Capabilities
 
 
@@ -105,13 +105,47 @@ class VLM:
 
     def num_heads(self, stack: str) -> int:
         """Attention heads per (softmax-attention) layer of a stack such as ``"lm.layer"``."""
-        attn = self.resolve(f"{stack}[{(self.softmax_layers(stack) or [0])[0]}].attn")
+        attn = self.resolve(site(stack, (self.softmax_layers(stack) or [0])[0], "attn"))
         heads = getattr(attn, "num_heads", None) or getattr(
             getattr(attn, "config", None), "num_attention_heads", None
         )
         if not heads:
             raise SiteError(f"cannot tell how many heads {stack} of {self.name} has")
         return int(heads)
+
+    def _heads_projection(self, stack: str) -> tuple[str, torch.nn.Module]:
+        """The ``.attn.heads`` site of the first softmax-attention layer of ``stack`` and its
+        module (the attention's output projection: heads side by side in, residual out)."""
+        at = site(stack, (self.softmax_layers(stack) or [0])[0], "attn.heads")
+        return at, self.resolve(at)
+
+    def head_dim(self, stack: str) -> int:
+        """Width of one head's output in a (softmax-attention) layer of ``stack``: the input of
+        the output projection (``.attn.heads``) shared evenly among ``num_heads`` heads."""
+        at, proj = self._heads_projection(stack)
+        width = getattr(proj, "in_features", None)
+        if not width:
+            raise SiteError(f"cannot tell the width of {at} of {self.name}")
+        return int(width) // self.num_heads(stack)
+
+    def hidden_size(self, stack: str) -> int:
+        """Width of the residual stream of ``stack``: the output of its attention's output
+        projection (``.attn.heads``)."""
+        at, proj = self._heads_projection(stack)
+        width = getattr(proj, "out_features", None)
+        if not width:
+            raise SiteError(f"cannot tell the output width of {at} of {self.name}")
+        return int(width)
+
+    def mlp_size(self, stack: str) -> int:
+        """Width of the MLP inside a layer of ``stack`` (its ``intermediate_size``): from the
+        vision config for ``vision.*`` stacks, else from the text config (or the config)."""
+        config = self.model.config
+        part = "vision_config" if stack.startswith("vision.") else "text_config"
+        size = getattr(getattr(config, part, None) or config, "intermediate_size", None)
+        if stack not in self.LAYER_LISTS or not size:
+            raise SiteError(f"cannot tell the MLP width of {stack} of {self.name}")
+        return int(size)
 
     def resolve(self, site: str) -> torch.nn.Module:
         """The module at a site such as ``"lm.layer[-1].mlp"`` or ``"projector"``."""
@@ -156,6 +190,23 @@ class VLM:
         c)`` (Gemma 2, as in PaliGemma 2), else None; readouts such as the logit lens apply it."""
         return None
 
+    @property
+    def vocab_size(self) -> int:
+        """How many logits ``lm_head`` gives (its output rows; may exceed the tokenizer's)."""
+        weight = self.resolve("lm_head").weight
+        assert isinstance(weight, torch.Tensor), f"{self.name}'s lm_head has no weight"
+        return int(weight.shape[0])
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """The factor a dual encoder multiplies its image-text cosine similarities by (``exp``
+        of its learned log-scale), a one-element float32 tensor; ``NotApplicableError`` for
+        other models."""
+        scale = getattr(self.model, "logit_scale", None) if self.contrastive else None
+        if not isinstance(scale, torch.Tensor):
+            raise NotApplicableError(f"{self.name} scores no image-text pairs: no logit scale")
+        return scale.exp().float()
+
     def prepare(
         self, images: ImageLike | Sequence[ImageLike] | None, prompt: str | Sequence[str]
     ) -> Inputs:
@@ -165,6 +216,11 @@ class VLM:
     def forward(self, inputs: Inputs, **kwargs: Any) -> Any:
         """One forward pass of the wrapped model on prepared inputs."""
         return self.model(**inputs.to(self.device).tensors, **kwargs)
+
+    def image_features(self, pixel_values: torch.Tensor) -> Any:
+        """A dual encoder's image embeddings of ``pixel_values`` from its vision tower and
+        projection alone, no text (what a hook on the vision tower reads in one forward)."""
+        return self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype))
 
     @contextmanager
     def attention(self, implementation: str = "eager") -> Iterator[None]:

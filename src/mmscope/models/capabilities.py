@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from mmscope.core.errors import NotApplicableError, RegistryError
+from mmscope.core.sites import site
 
 if TYPE_CHECKING:
     from mmscope.core.registry import Entry
@@ -157,7 +158,7 @@ def softmax_only(
         return list(layers), {}
     n = vlm.num_layers(stack)
     kept = [i for i in layers if i % n not in other]
-    skipped = {f"{stack}[{i}]": other[i % n] for i in layers if i % n in other}
+    skipped = {site(stack, i): other[i % n] for i in layers if i % n in other}
     if skipped:
         why = "; ".join(sorted(set(skipped.values())))
         if not kept:
@@ -180,7 +181,7 @@ def require_softmax(vlm: VLM, stack: str, layer: int, who: str) -> None:
     n = vlm.num_layers(stack) if other else 0
     if other and -n <= layer < n and layer % n in other:
         raise NotApplicableError(
-            f"{who} reads the softmax attention of {stack}[{layer}], and that layer of "
+            f"{who} reads the softmax attention of {site(stack, layer)}, and that layer of "
             f"{vlm.name} has none ({other[layer % n]}); its softmax-attention layers are "
             f"{vlm.softmax_layers(stack)}"
         )

@@ -35,6 +35,10 @@ class ClipVLM(VLM):
     ATTENTION_ROLES = ("vision.layer.attn", "text.layer.attn")
     ROLES = {
         **vision_tower_roles("vision_model", norm="post_layernorm"),
+        # what a decomposition per token reads (textspan_decompose): the LayerNorm before the
+        # attention and the values it projects
+        "vision.layer.attn.norm": "vision_model.encoder.layers.{i}.layer_norm1",
+        "vision.layer.attn.values": "vision_model.encoder.layers.{i}.self_attn.v_proj",
         "vision.proj": "visual_projection",
         "text.embed": "text_model.embeddings",
         **stack_roles("text.layer", _T, CLIP_LAYER),

@@ -16,9 +16,7 @@ from mmscope.models.base import VLM
 from mmscope.report.html import data_uri
 from mmscope.world import DESCRIBE_PROMPT, render, sample_scenes
 from mmscope.world.captions import hallucinated
-
-#: Seed of the scenes searched for a hallucinating caption.
-CAPTION_SEED = 4242
+from mmscope.world.seeds import CAPTION_SEED
 
 
 def marked(caption: str, wrong: list[str]) -> Markup:

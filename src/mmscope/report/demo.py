@@ -28,8 +28,8 @@ from mmscope.world import (
     sample_scenes,
 )
 from mmscope.world.captions import hallucinated
+from mmscope.world.seeds import DEMO_SEED
 
-DEMO_SEED = 2024
 #: Methods shown per generated token of a caption (one forward, batched backwards each).
 CAPTION_METHODS = ("integrated_gradients", "grad_cam", "chefer_relevance")
 
@@ -72,10 +72,11 @@ def _attributions(
 def _benchmark(vlm: VLM, out_dir: Path, n: int) -> dict[str, Any]:
     """A small leaderboard (every method and metric on ``n`` world items, written to
     ``out_dir/bench``) and POPE's three splits on held-out world images."""
-    from mmscope.bench import BenchConfig, run_leaderboard, world_items
+    from mmscope.bench import BenchConfig, run_leaderboard
     from mmscope.bench.report import failing_sanity, table
     from mmscope.metrics.hallucination import Pope
     from mmscope.world import POPE_SPLITS
+    from mmscope.world.items import world_items
 
     few = min(n, 4)
     config = BenchConfig(

@@ -8,14 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from mmscope.bench.items import BenchItem, answerability_items, world_items
 from mmscope.core.result import figure_uri
 from mmscope.core.targets import TokenId, answer_id
 from mmscope.methods.inside import analyse
 from mmscope.models.base import VLM
-
-#: Seed of the section's world questions.
-INSIDE_SEED = 31
+from mmscope.world.items import BenchItem, answerability_items, world_items
+from mmscope.world.seeds import INSIDE_SEED
 
 
 def _answers(vlm: VLM, items: list[BenchItem]) -> TokenId:

@@ -6,15 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from mmscope.bench.items import world_items
 from mmscope.methods.neuron.dape import domain_items
 from mmscope.methods.study import study
 from mmscope.models import load
 from mmscope.models.base import VLM
 from mmscope.report.inside import figure_uri
-
-#: Seed of the section's world items.
-NEURONS_SEED = 37
+from mmscope.world.items import world_items
+from mmscope.world.seeds import NEURONS_SEED
 
 
 def _miner_edit(vlm: VLM, n: int) -> tuple[Any, str]:

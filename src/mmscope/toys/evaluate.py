@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmscope.metrics.hallucination import chair_scores
 from mmscope.models.base import VLM
 from mmscope.world import (
     COLORS,
@@ -23,9 +24,7 @@ from mmscope.world import (
     render,
     sample_scenes,
 )
-
-#: Seed of the evaluation scenes; training draws from mmscope.toys.train.TRAIN_SEED + seed.
-EVAL_SEED = 777_000
+from mmscope.world.seeds import EVAL_SEED
 
 
 def _chunks(n: int, size: int) -> list[range]:
@@ -54,8 +53,6 @@ def eval_llava(
 
 def eval_captions(vlm: VLM, scenes: list[Scene], batch: int = 100) -> dict[str, float]:
     """CHAIR_i (hallucinated mentions / mentions), CHAIR_s, and caption exact match."""
-    from mmscope.metrics.hallucination import chair_scores  # (imports this module)
-
     captions: list[str] = []
     for chunk in _chunks(len(scenes), batch):
         images = [render(scenes[i]).image for i in chunk]

@@ -25,11 +25,9 @@ from transformers import CLIPModel, LlavaForConditionalGeneration
 from mmscope.toys import build
 from mmscope.toys.data import SceneBank, Vocab, clip_batch, llava_batch
 from mmscope.world.questions import HARD_NEGATIVE_PROB
+from mmscope.world.seeds import TRAIN_SEED
 
 Progress = Callable[[str, int, int, float], None]
-
-#: Scene seeds used for training; evaluation draws from EVAL_SEED, never used here.
-TRAIN_SEED = 1000
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmscope.bench import load_items, world_items
+from mmscope.bench import load_items
 from mmscope.core import images
 from mmscope.core.errors import InputError
 from mmscope.world import export_dataset, make_samples
+from mmscope.world.items import world_items
 from mmscope.world.rle import encode_rle
 
 

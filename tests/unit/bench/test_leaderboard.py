@@ -9,10 +9,11 @@ import time
 
 import pytest
 
-from mmscope.bench import BenchConfig, run_leaderboard, world_items
+from mmscope.bench import BenchConfig, run_leaderboard
 from mmscope.bench.report import write_leaderboard
 from mmscope.core.errors import InputError, RegistryError
 from mmscope.core.state import model_state
+from mmscope.world.items import world_items
 
 FAST = dict(
     methods=("saliency", "random", "oracle"),

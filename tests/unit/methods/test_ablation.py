@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from mmscope.bench.items import world_items
 from mmscope.core.errors import InputError
 from mmscope.core.hooks import patch
 from mmscope.core.state import model_state
@@ -14,6 +13,7 @@ from mmscope.core.targets import Token, TokenId
 from mmscope.methods.analysis import make_analysis
 from mmscope.methods.token.ablation import TokenAblation, first_image_rows, mean_image_token
 from mmscope.methods.token.sets import object_cells
+from mmscope.world.items import world_items
 
 
 def _box_mask(size: int = 48) -> np.ndarray:

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from mmscope.bench.items import world_items
 from mmscope.core.errors import InputError
 from mmscope.core.hooks import capture
 from mmscope.core.state import model_state
@@ -22,6 +21,7 @@ from mmscope.methods.embedding.anisotropy import (
     random_pairs,
 )
 from mmscope.methods.study import study
+from mmscope.world.items import world_items
 
 
 def test_mean_cosine_by_hand_on_three_vectors():

@@ -180,7 +180,7 @@ def test_chefer_equals_reference_clip(tiny_clip, images):
 
 
 def test_chefer_needs_no_trainable_weights(images):
-    from mmscope.models.tiny import tiny_llava
+    from mmscope.toys.tiny import tiny_llava
 
     trainable, frozen = tiny_llava(), tiny_llava()
     frozen.model.requires_grad_(False)

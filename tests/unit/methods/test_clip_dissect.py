@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from mmscope.bench.items import world_items
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import capture, patch
 from mmscope.core.state import model_state
 from mmscope.methods.neuron.clip_dissect import soft_wpmi, top_lift
 from mmscope.methods.study import study
 from mmscope.world import COLORS
+from mmscope.world.items import world_items
 
 
 def test_soft_wpmi_by_hand():
@@ -108,7 +108,7 @@ def test_labelling_accuracy_on_toy_clip(toy_clip):
 def test_user_items_are_labelled_but_not_scored(tiny_clip):
     from PIL import Image
 
-    from mmscope.bench.items import BenchItem
+    from mmscope.world.items import BenchItem
 
     items = [
         BenchItem(Image.new("RGB", (32, 32), (i * 20, 0, 0)), "a red circle") for i in range(4)

@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from mmscope.bench.items import BenchItem, item_scenes, world_items
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import capture, patch
 from mmscope.core.state import model_state
@@ -18,6 +17,7 @@ from mmscope.methods.neuron.base import load_neuron_set
 from mmscope.methods.neuron.dissect import iou, label_units
 from mmscope.methods.study import read_table, study, write_table
 from mmscope.world import COLORS, make_samples
+from mmscope.world.items import BenchItem, item_scenes, world_items
 
 N = 40
 

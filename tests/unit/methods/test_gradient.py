@@ -168,7 +168,7 @@ def test_token_space_and_bad_settings(tiny_llava, image):
 
 def test_a_bfloat16_model_keeps_its_dtype_and_gets_float32_maps(image):
     from mmscope.core.state import model_state
-    from mmscope.models.tiny import tiny_llava
+    from mmscope.toys.tiny import tiny_llava
 
     vlm = tiny_llava()
     vlm.model.to(torch.bfloat16)

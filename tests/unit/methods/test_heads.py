@@ -243,8 +243,8 @@ def test_toy_llava_heads_that_read_the_image_look_at_the_evidence(toy_llava):
     (LLaVA reads the layer before it): its heads matter exactly zero. The top language-model
     heads that read the image from the last token put their attention on the evidence object
     (measured: 5.0, 5.5 and 4.9 times the object's share of the grid on three seeds)."""
-    from mmscope.bench.items import world_items
     from mmscope.methods.token.sets import object_cells
+    from mmscope.world.items import world_items
 
     items = [it for it in world_items(60, seed=7) if it.kind in ("color", "shape")]
     inputs = toy_llava.prepare([it.image for it in items], [it.prompt for it in items])

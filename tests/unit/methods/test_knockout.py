@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from mmscope.bench.items import world_items
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import mask_attention, patch
 from mmscope.core.registry import REGISTRY
@@ -19,6 +18,7 @@ from mmscope.methods.analysis import run_scores
 from mmscope.methods.token.knockout import FLOWS, AttentionKnockout, KnockoutResult
 from mmscope.methods.token.sets import object_cells
 from mmscope.world import render, sample_scenes
+from mmscope.world.items import world_items
 
 PROMPT = "what color is the circle ?"
 

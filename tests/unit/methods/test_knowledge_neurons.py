@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from mmscope.bench.items import BenchItem, world_items
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import capture, patch
 from mmscope.core.state import model_state
@@ -19,6 +18,7 @@ from mmscope.methods.neuron.knowledge import (
     refine,
 )
 from mmscope.methods.study import study
+from mmscope.world.items import BenchItem, world_items
 
 SITE = "lm.layer[1].mlp.act"
 

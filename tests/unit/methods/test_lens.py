@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from mmscope.bench.items import world_items
 from mmscope.core.errors import InputError
 from mmscope.core.state import model_state
 from mmscope.core.targets import Token
 from mmscope.methods.analysis import make_analysis
 from mmscope.methods.token.lens import LensResult, LogitLens
+from mmscope.world.items import world_items
 
 PROMPT = "what color is the circle ?"
 

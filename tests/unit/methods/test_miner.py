@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from mmscope.bench import world_items
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.methods.activations import collect
 from mmscope.methods.neuron.miner import item_scores, miner_select
 from mmscope.methods.study import study
+from mmscope.world.items import world_items
 
 
 def _minmax(v):

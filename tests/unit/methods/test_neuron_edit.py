@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from mmscope.bench.items import world_items
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import capture
 from mmscope.core.state import model_state
 from mmscope.methods.neuron.base import NeuronSet
 from mmscope.methods.neuron.edit import EditResult, edited, random_like
 from mmscope.methods.study import study
+from mmscope.world.items import world_items
 
 SITES = ("lm.layer[0].mlp.act", "lm.layer[1].mlp.act")
 

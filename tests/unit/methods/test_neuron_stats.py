@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from mmscope.bench import world_items
 from mmscope.core.errors import InputError
 from mmscope.core.hooks import patch
 from mmscope.core.state import model_state
 from mmscope.methods.activations import collect
 from mmscope.methods.neuron.stats import NeuronStats, NeuronStatsStudy
 from mmscope.methods.study import read_table, study, write_table
+from mmscope.world.items import world_items
 
 FIELDS = ("count", "active", "total", "max", "top_values", "top_items", "top_positions")
 

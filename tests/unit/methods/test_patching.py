@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from mmscope.bench.items import BENCH_SEED, world_items
 from mmscope.core.errors import InputError
 from mmscope.core.hooks import capture, patch
 from mmscope.core.registry import REGISTRY
@@ -20,6 +19,8 @@ from mmscope.methods.layer.patching import PatchingResult, image_noise
 from mmscope.methods.layer.tracing import CausalTrace
 from mmscope.methods.token.sets import object_cells
 from mmscope.world import make_samples, render
+from mmscope.world.items import world_items
+from mmscope.world.seeds import BENCH_SEED
 
 
 @pytest.fixture(scope="module")

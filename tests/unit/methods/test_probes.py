@@ -9,13 +9,13 @@ import json
 import numpy as np
 import pytest
 
-from mmscope.bench.items import BenchItem, world_items
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.state import model_state
 from mmscope.methods.activations import collect
 from mmscope.methods.embedding.probes import Probe, ProbeResult, control_labels, probe_accuracy
 from mmscope.methods.study import study
 from mmscope.world import patch_objects
+from mmscope.world.items import BenchItem, world_items
 from mmscope.world.render import Rendered
 
 

@@ -183,7 +183,7 @@ def test_settings_and_misuse(tiny_llava, pair):
 @pytest.fixture(scope="module")
 def world_grid(toy_llava):
     """100 world questions; target: the first token of each true answer."""
-    from mmscope.bench.items import world_items
+    from mmscope.world.items import world_items
 
     items = world_items(100, seed=0)
     inputs = toy_llava.prepare([i.image for i in items], [i.prompt for i in items])

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from mmscope.bench.items import world_items
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import capture, patch
 from mmscope.core.state import model_state
 from mmscope.methods.embedding.sae import SAEResult, load_sae, train_sae
 from mmscope.methods.study import study
 from mmscope.world import COLORS
+from mmscope.world.items import world_items
 
 
 def planted_dictionary(n: int = 3000, width: int = 24, atoms: int = 12, seed: int = 0):

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from sklearn.linear_model import Lasso
 
-from mmscope.bench.items import BenchItem, world_items
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.state import model_state
 from mmscope.methods.embedding.splice import (
@@ -18,6 +17,7 @@ from mmscope.methods.embedding.splice import (
 )
 from mmscope.methods.study import study
 from mmscope.world import image_concepts, make_samples
+from mmscope.world.items import BenchItem, world_items
 
 
 def _dictionary(k: int = 20, d: int = 32, seed: int = 0) -> np.ndarray:

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from mmscope.bench.items import BenchItem, world_items
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import patch
 from mmscope.core.state import model_state
@@ -24,6 +23,7 @@ from mmscope.methods.embedding.tcav import (
     tcav_runs,
 )
 from mmscope.methods.study import study
+from mmscope.world.items import BenchItem, world_items
 
 
 def _shifted_scores(vlm, items, site, v, h, word):

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from mmscope.bench.items import world_items
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.state import model_state
 from mmscope.methods.embedding.clip_embed import text_embeddings
 from mmscope.methods.embedding.textspan import TextSpan, greedy_texts, zero_shot
 from mmscope.methods.embedding.textspan_decompose import decompose, token_contributions
 from mmscope.methods.study import study
+from mmscope.world.items import world_items
 from mmscope.world.scene import COLORS, SHAPES
 
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 from scipy.integrate import trapezoid
 
-from mmscope.bench import world_items
 from mmscope.bench.baselines import OracleMap
 from mmscope.core.targets import Predicted
 from mmscope.methods.attribution.perturbation import Features, masked_forwards
@@ -15,6 +14,7 @@ from mmscope.metrics import Case, make_metric
 from mmscope.metrics.faithfulness import Deletion, Insertion, RoadLeRF, RoadMoRF, cell_orders
 from mmscope.metrics.road import impute
 from mmscope.world import render, sample_scenes
+from mmscope.world.items import world_items
 
 STENCIL = [(-1, 0, 1 / 6), (1, 0, 1 / 6), (0, -1, 1 / 6), (0, 1, 1 / 6)] + [
     (dy, dx, 1 / 12) for dy in (-1, 1) for dx in (-1, 1)

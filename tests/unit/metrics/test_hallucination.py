@@ -114,8 +114,8 @@ def test_registered_as_hallucination_metrics():
 
 def test_pope_on_a_tiny_model(tiny_llava, tmp_path):
     from mmscope.core.state import model_state
-    from mmscope.toys.evaluate import EVAL_SEED
     from mmscope.world import sample_scenes
+    from mmscope.world.seeds import EVAL_SEED
 
     before = model_state(tiny_llava.model)
     result = Pope(n_images=8, batch_size=5)(tiny_llava)

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from mmscope.bench import world_items
 from mmscope.bench.baselines import OracleMap, RandomMap
 from mmscope.core.targets import Predicted
 from mmscope.metrics import Case
 from mmscope.metrics.localisation import PointingGame, RelevanceMass, RelevanceRank
+from mmscope.world.items import world_items
 
 MASK = np.zeros((10, 10), dtype=bool)
 MASK[2:4, 2:4] = True  # 4 pixels

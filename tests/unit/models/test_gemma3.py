@@ -18,7 +18,7 @@ from mmscope.core.registry import REGISTRY
 from mmscope.core.targets import TokenId
 from mmscope.methods.token.lens import LogitLens
 from mmscope.models.gemma3 import Gemma3VLM
-from mmscope.models.tiny.gemma3 import SLIDING_WINDOW, tiny_gemma3
+from mmscope.toys.tiny.gemma3 import SLIDING_WINDOW, tiny_gemma3
 
 PROMPTS = ["what color is the circle ?", "how many objects are there"]
 EXPECTED = {

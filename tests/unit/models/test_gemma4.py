@@ -18,7 +18,7 @@ from mmscope.core.registry import REGISTRY
 from mmscope.core.targets import TokenId
 from mmscope.methods.token.lens import LogitLens
 from mmscope.models.gemma4 import Gemma4VLM, ImageOnlyGemma4Processor
-from mmscope.models.tiny.gemma4 import SLIDING_WINDOW, SOFTCAP, tiny_gemma4
+from mmscope.toys.tiny.gemma4 import SLIDING_WINDOW, SOFTCAP, tiny_gemma4
 
 PROMPTS = ["what color is the circle ?", "how many objects are there"]
 EXPECTED = {

@@ -19,7 +19,7 @@ from mmscope.core.hooks import capture
 from mmscope.core.registry import REGISTRY
 from mmscope.methods.token.sets import object_cells, positions
 from mmscope.models.idefics3 import Idefics3VLM, ImageTooSmallError, TooManyTilesError
-from mmscope.models.tiny.idefics3 import TILE, tiny_idefics3, tiny_processor
+from mmscope.toys.tiny.idefics3 import TILE, tiny_idefics3, tiny_processor
 
 PROMPTS = ["what color is the circle ?", "how many objects are there ?"]
 EXPECTED = {

@@ -17,7 +17,7 @@ from mmscope.core.hooks import capture
 from mmscope.core.registry import REGISTRY
 from mmscope.methods.token.sets import object_cells, positions
 from mmscope.models.internvl import InternVLVLM
-from mmscope.models.tiny.internvl import tiny_internvl, tiny_processor
+from mmscope.toys.tiny.internvl import tiny_internvl, tiny_processor
 
 PROMPTS = ["what color is the circle ?", "how many objects are there"]
 EXPECTED = {

@@ -21,7 +21,7 @@ from mmscope.core.registry import REGISTRY
 from mmscope.core.targets import TokenId
 from mmscope.methods.token.sets import object_cells, positions
 from mmscope.models.llava_next import LlavaNextVLM
-from mmscope.models.tiny.llava_next import tiny_llava_next, tiny_processor
+from mmscope.toys.tiny.llava_next import tiny_llava_next, tiny_processor
 
 PROMPT = "what color is the circle ?"
 EXPECTED = {

@@ -22,7 +22,7 @@ from mmscope.methods.token.sets import object_cells, positions
 from mmscope.models import anyres
 from mmscope.models.llava_next import LlavaNextVLM
 from mmscope.models.llava_onevision import ImageOnlyLlavaOnevisionProcessor, LlavaOnevisionVLM
-from mmscope.models.tiny.llava_onevision import tiny_llava_onevision
+from mmscope.toys.tiny.llava_onevision import tiny_llava_onevision
 
 PROMPT = "what color is the circle ?"
 EXPECTED = {

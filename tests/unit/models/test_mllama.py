@@ -21,7 +21,7 @@ from mmscope.methods.analysis import make_analysis
 from mmscope.methods.explain import make_method
 from mmscope.methods.token.lens import LogitLens
 from mmscope.models.mllama import MllamaVLM
-from mmscope.models.tiny.mllama import tiny_mllama
+from mmscope.toys.tiny.mllama import tiny_mllama
 
 PROMPTS = ["what color is the circle ?", "how many objects are there"]
 _VISION = {

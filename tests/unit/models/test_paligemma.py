@@ -19,7 +19,7 @@ from mmscope.core.registry import REGISTRY
 from mmscope.core.targets import TokenId
 from mmscope.methods.token.lens import LogitLens
 from mmscope.models.paligemma import PaliGemmaVLM
-from mmscope.models.tiny.paligemma import tiny_paligemma
+from mmscope.toys.tiny.paligemma import tiny_paligemma
 
 PROMPTS = ["what color is the circle ?", "how many objects are there"]
 EXPECTED = {

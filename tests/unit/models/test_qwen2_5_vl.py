@@ -16,7 +16,7 @@ from mmscope.core.registry import REGISTRY
 from mmscope.core.targets import TokenId
 from mmscope.models.qwen2_5_vl import ImageOnlyQwen2_5_VLProcessor, Qwen2_5_VLVLM
 from mmscope.models.qwen2_vl import Qwen2VLVLM
-from mmscope.models.tiny.qwen2_5_vl import tiny_qwen2_5_vl
+from mmscope.toys.tiny.qwen2_5_vl import tiny_qwen2_5_vl
 
 PROMPTS = ["what colour is the circle ?", "how many objects are there"]
 #: Window index of a 3x3 merged grid in 2x2-cell windows: window (rows 0-1, cols 0-1) holds

@@ -11,7 +11,7 @@ from transformers.models.qwen2_vl import modeling_qwen2_vl as hf
 from mmscope.core.errors import SiteError
 from mmscope.core.registry import REGISTRY
 from mmscope.models.qwen2_vl import ImageOnlyQwen2VLProcessor, Qwen2VLVLM
-from mmscope.models.tiny.qwen2_vl import tiny_qwen2_vl
+from mmscope.toys.tiny.qwen2_vl import tiny_qwen2_vl
 
 PROMPTS = ["what colour is the circle ?", "how many objects are there"]
 

@@ -12,7 +12,6 @@ from torch import nn
 from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
 
 import mmscope
-from mmscope.bench import world_items
 from mmscope.core.errors import NotApplicableError, SiteError
 from mmscope.core.hooks import capture, mask_attention
 from mmscope.core.registry import REGISTRY
@@ -26,7 +25,8 @@ from mmscope.methods.token.pruning import FastV, flops_saved, layer_flops
 from mmscope.methods.token.sets import block_matrix
 from mmscope.models.qwen3_5 import Qwen3_5VLM
 from mmscope.models.qwen3_vl import ImageOnlyQwen3VLProcessor, Qwen3VLVLM
-from mmscope.models.tiny.qwen3_5 import tiny_qwen3_5
+from mmscope.toys.tiny.qwen3_5 import tiny_qwen3_5
+from mmscope.world.items import world_items
 
 PROMPTS = ["what colour is the circle ?", "how many objects are there"]
 #: Why lm.layer[1] (the tiny model's one gated delta net) is skipped.

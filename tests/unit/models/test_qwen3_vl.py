@@ -17,7 +17,7 @@ from mmscope.core.registry import REGISTRY
 from mmscope.core.targets import TokenId
 from mmscope.models.qwen2_vl import Qwen2VLVLM
 from mmscope.models.qwen3_vl import ImageOnlyQwen3VLProcessor, Qwen3VLVLM
-from mmscope.models.tiny.qwen3_vl import tiny_qwen3_vl
+from mmscope.toys.tiny.qwen3_vl import tiny_qwen3_vl
 
 PROMPTS = ["what colour is the circle ?", "how many objects are there"]
 

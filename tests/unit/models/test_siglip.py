@@ -18,8 +18,8 @@ from mmscope.core.hooks import capture
 from mmscope.core.registry import REGISTRY
 from mmscope.models.loading import supported_classes
 from mmscope.models.siglip import SiglipVLM
-from mmscope.models.tiny import siglip as builder
-from mmscope.models.tiny.siglip import TEXT_LENGTH
+from mmscope.toys.tiny import siglip as builder
+from mmscope.toys.tiny.siglip import TEXT_LENGTH
 
 TEXTS = ["a red circle", "a blue square and a green cross"]
 EXPECTED = {
@@ -191,9 +191,9 @@ def test_logit_lens_reads_each_patch_as_a_one_token_image(tiny_siglip, inputs):
 
 
 def test_class_token_methods_refuse(tiny_siglip, inputs):
-    from mmscope.bench.items import world_items
     from mmscope.methods.inside import analyse
     from mmscope.methods.study import study
+    from mmscope.world.items import world_items
 
     with pytest.raises(NotApplicableError, match="class token"):
         analyse("attention_knockout", tiny_siglip, inputs)

@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mmscope.core.errors import InputError
+from mmscope.core.errors import InputError, SiteError
 from mmscope.core.hooks import capture, patch
 from mmscope.core.inputs import Inputs
 from mmscope.core.registry import register
+from mmscope.core.sites import site, sites
 from mmscope.core.targets import BoundTarget
 from mmscope.core.validate import integer, positive_int
 from mmscope.methods.attribution.base import Attribution, Maps, prompt_rows
@@ -138,23 +139,23 @@ def _skipped(vlm: VLM, bound: BoundTarget, layer: int | str, start: int = 0) -> 
     for side in plan(vlm, bound)[1]:
         other = vlm.non_softmax_layers(side.stack)
         wanted = _wanted(vlm, side.stack, layer, start) if other else []
-        out.update({f"{side.stack}[{i}]": other[i] for i in wanted if i in other})
+        out.update({site(side.stack, i): other[i] for i in wanted if i in other})
     return out
 
 
 def _sites(stack: str, layers: list[int]) -> list[str]:
-    return [f"{stack}[{i}].attn.probs" for i in layers]
+    return sites(stack, layers, "attn.probs")
 
 
 def _heads_ok(vlm: VLM, stack: str, head: int | str) -> None:
     """Raise before any forward when an integer head is out of range."""
     if isinstance(head, str):
         return
-    module = vlm.resolve(f"{stack}[{(vlm.softmax_layers(stack) or [0])[0]}].attn")
-    n = getattr(module, "num_heads", None) or getattr(
-        getattr(module, "config", None), "num_attention_heads", None
-    )
-    if isinstance(n, int) and not -n <= head < n:
+    try:
+        n = vlm.num_heads(stack)
+    except SiteError:  # the adapter cannot tell: nothing to check before the forward
+        return
+    if not -n <= head < n:
         raise InputError(f"head {head} is out of range for {stack} with {n} heads")
 
 
@@ -313,8 +314,8 @@ class AttentionRollout(QueryRows):
         for side in sides:
             r = side.query.to(vlm.device)
             eye = torch.eye(r.shape[-1], device=r.device)
-            for site in reversed(_sites(side.stack, layers[side.stack])):
-                m = (1 - self.residual) * probs.pop(site) + self.residual * eye
+            for at in reversed(_sites(side.stack, layers[side.stack])):
+                m = (1 - self.residual) * probs.pop(at) + self.residual * eye
                 r = torch.einsum("kbt,bts->kbs", r, m / m.sum(-1, keepdim=True))
             rows.append(r)
         return inputs, rows

@@ -21,14 +21,15 @@ import torch
 from mmscope.core.errors import InputError
 from mmscope.core.hooks import capture
 from mmscope.core.registry import register
+from mmscope.core.sites import site
 from mmscope.core.validate import positive_int, valid_seed
 from mmscope.methods.activations import batches, collect
 from mmscope.methods.analysis import Result, jsonable, new_figure
 from mmscope.methods.study import KIND, Study
 
 if TYPE_CHECKING:
-    from mmscope.bench.items import BenchItem
     from mmscope.models.base import VLM
+    from mmscope.world.items import BenchItem
 
 
 def random_pairs(item: np.ndarray, pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -82,9 +83,9 @@ class AnisotropyResult(Result):
         """One row per group and layer."""
         cols: dict[str, list[Any]] = {"group": [], "site": [], "layer": [], "mean_cosine": []}
         for group, sites in self.sites.items():
-            for layer, (site, value) in enumerate(zip(sites, self.values[group])):
+            for layer, (name, value) in enumerate(zip(sites, self.values[group])):
                 cols["group"].append(group)
-                cols["site"].append(site)
+                cols["site"].append(name)
                 cols["layer"].append(layer)
                 cols["mean_cosine"].append(float(value))
         return {"anisotropy": cols}
@@ -121,11 +122,11 @@ def _text_tower(
         inputs = vlm.prepare([it.image for it in chunk], [it.prompt for it in chunk])
         with torch.no_grad(), capture(vlm, sites) as cap:
             vlm.forward(inputs)
-        for site in sites:
-            value = cap[site].float().cpu()
+        for where in sites:
+            value = cap[where].float().cpu()
             for b, (start, end) in enumerate(inputs.prompt_spans):
                 rows = value[b, start:end].numpy()
-                parts[site].append((rows, np.full(len(rows), first + b)))
+                parts[where].append((rows, np.full(len(rows), first + b)))
     return {
         s: (np.concatenate([p[0] for p in v]), np.concatenate([p[1] for p in v]))
         for s, v in parts.items()
@@ -165,7 +166,7 @@ class Anisotropy(Study):
         else:
             stacks = {"image": "lm.layer", "text": "lm.layer"}
         for group, stack in stacks.items():
-            sites[group] = tuple(f"{stack}[{i}]" for i in range(vlm.num_layers(stack)))
+            sites[group] = tuple(site(stack, i) for i in range(vlm.num_layers(stack)))
         if vlm.contrastive:
             image = collect(vlm, items, list(sites["image"]), ("image",), self.batch_size)
             text = _text_tower(vlm, items, list(sites["text"]), self.batch_size)

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from mmscope.bench.items import BenchItem, item_scenes
 from mmscope.core.errors import InputError
 from mmscope.world import Scene, WorldObject, patch_objects
+from mmscope.world.items import BenchItem, item_scenes
 from mmscope.world.render import Rendered, render
 
 #: Concepts a probe can read: an object's colour, shape and quadrant; the scene's object count.

@@ -25,19 +25,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmscope.bench.items import item_scenes
 from mmscope.core.errors import InputError
 from mmscope.core.registry import register
+from mmscope.core.sites import site
 from mmscope.core.validate import integer, number, positive_int, valid_seed
 from mmscope.methods.activations import collect
 from mmscope.methods.analysis import Result, jsonable, new_figure
 from mmscope.methods.analysis import stack as default_stack
 from mmscope.methods.embedding.concepts import CONCEPTS, row_labels
 from mmscope.methods.study import KIND, Study
+from mmscope.world.items import item_scenes
 
 if TYPE_CHECKING:
-    from mmscope.bench.items import BenchItem
     from mmscope.models.base import VLM
+    from mmscope.world.items import BenchItem
 
 KINDS: tuple[str, ...] = ("object", "last", "class")
 STACKS: tuple[str, ...] = ("lm.layer", "vision.layer")
@@ -239,7 +240,7 @@ class Probe(Study):
         for i in self.layers:
             if not -n <= i < n:
                 raise InputError(f"layer {i} is outside {stack}'s {n} layers")
-        sites = [f"{stack}[{i}]" for i in layers]
+        sites = [site(stack, i) for i in layers]
         acts = collect(vlm, items, sites, ("image", "last", "class"), self.batch_size)
         first = acts[sites[0]]
         shape = (len(layers), len(self.concepts), len(KINDS))
@@ -260,8 +261,8 @@ class Probe(Study):
                     y, types[keep], self.seed + 7919 * CONCEPTS.index(concept) + k
                 )
                 groups = first.item[keep]
-                for i, site in enumerate(sites):
-                    x = acts[site].values[keep]
+                for i, where in enumerate(sites):
+                    x = acts[where].values[keep]
                     accuracy[i, c, k] = probe_accuracy(x, y, groups, self.folds, self.c)
                     control[i, c, k] = probe_accuracy(x, y_control, groups, self.folds, self.c)
         if np.all(np.isnan(accuracy)):

@@ -32,8 +32,8 @@ from mmscope.methods.analysis import Result, jsonable, new_figure
 from mmscope.methods.study import KIND, Study
 
 if TYPE_CHECKING:
-    from mmscope.bench.items import BenchItem
     from mmscope.models.base import VLM
+    from mmscope.world.items import BenchItem
 
 WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec")
 

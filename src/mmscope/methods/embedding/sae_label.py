@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmscope.bench.items import item_scenes
 from mmscope.core.errors import InputError
 from mmscope.core.registry import register
 from mmscope.core.validate import number, positive_int
@@ -29,11 +28,12 @@ from mmscope.methods.neuron.dissect import (
     dissection_result,
 )
 from mmscope.methods.study import KIND, Study
+from mmscope.world.items import item_scenes
 
 if TYPE_CHECKING:
-    from mmscope.bench.items import BenchItem
     from mmscope.models.base import VLM
     from mmscope.world import Scene
+    from mmscope.world.items import BenchItem
 
 
 @register(

@@ -33,8 +33,8 @@ from mmscope.methods.study import KIND, Study
 from mmscope.world import concept_vocabulary
 
 if TYPE_CHECKING:
-    from mmscope.bench.items import BenchItem
     from mmscope.models.base import VLM
+    from mmscope.world.items import BenchItem
 
 
 def centred(x: np.ndarray, mean: np.ndarray) -> np.ndarray:

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from mmscope.bench.items import item_scenes
 from mmscope.core.errors import InputError
 from mmscope.core.hooks import patch
 from mmscope.core.registry import register
+from mmscope.core.sites import site
 from mmscope.core.targets import token_id
 from mmscope.core.validate import integer, number, positive_int, valid_seed
 from mmscope.methods.activations import batches, collect, token_rows
@@ -36,11 +36,12 @@ from mmscope.methods.analysis import Result, jsonable, new_figure
 from mmscope.methods.analysis import stack as default_stack
 from mmscope.methods.study import KIND, Study
 from mmscope.world import image_concepts
+from mmscope.world.items import item_scenes
 
 if TYPE_CHECKING:
-    from mmscope.bench.items import BenchItem
     from mmscope.core.inputs import Inputs
     from mmscope.models.base import VLM
+    from mmscope.world.items import BenchItem
 
 
 #: The token groups that make up an image at a layer: its patches, and a tower's class token.
@@ -283,13 +284,13 @@ class TCAV(Study):
         n = vlm.num_layers(stack)
         if not -n <= self.layer < n:
             raise InputError(f"layer {self.layer} is outside {stack}'s {n} layers")
-        site = f"{stack}[{self.layer % n}]"
-        acts = collect(vlm, items, site, IMAGE_GROUPS, self.batch_size)[site]
+        where = site(stack, self.layer % n)
+        acts = collect(vlm, items, where, IMAGE_GROUPS, self.batch_size)[where]
         pooled = np.stack([acts.values[acts.item == i].mean(0) for i in range(len(items))])
-        grads = image_gradients(vlm, inputs, site, targets, self.batch_size)
+        grads = image_gradients(vlm, inputs, where, targets, self.batch_size)
         if not np.any(grads):
-            warnings.warn(f"the target does not depend on the image at {site}", stacklevel=2)
+            warnings.warn(f"the target does not depend on the image at {where}", stacklevel=2)
         scores, random_scores = tcav_runs(pooled, holds, grads, self.runs, k, self.c, self.seed)
         t, p = significance(scores, random_scores)
-        found = (self.concept, site, self.target, scores, random_scores, t, p, self.alpha)
+        found = (self.concept, where, self.target, scores, random_scores, t, p, self.alpha)
         return TCAVResult(*found, len(inputs), k)

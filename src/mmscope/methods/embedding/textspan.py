@@ -36,8 +36,8 @@ from mmscope.methods.study import KIND, Study
 from mmscope.world import concept_vocabulary
 
 if TYPE_CHECKING:
-    from mmscope.bench.items import BenchItem
     from mmscope.models.base import VLM
+    from mmscope.world.items import BenchItem
 
 
 def greedy_texts(data: np.ndarray, texts: np.ndarray, m: int, rank: int) -> list[tuple[int, float]]:

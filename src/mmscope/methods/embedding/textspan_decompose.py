@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mmscope.core.hooks import capture
+from mmscope.core.sites import site
 from mmscope.methods.embedding.clip_embed import needs_class_token
 
 if TYPE_CHECKING:
@@ -101,26 +102,25 @@ def _head_split(out_proj: torch.nn.Module, x: torch.Tensor, heads: int) -> torch
 @torch.no_grad()
 def decompose(vlm: VLM, pixel_values: torch.Tensor) -> Decomposition:
     """Direct contributions of every head, MLP and the embeddings to each image's embedding
-    (``get_image_features``), from one forward."""
+    (``VLM.image_features``), from one forward."""
     needs_class_token(vlm, "the TextSpan decomposition")
     n = vlm.num_layers("vision.layer")
     heads = vlm.num_heads("vision.layer")
-    sites = [f"vision.layer[{i}]{s}" for i in range(n) for s in (".attn.heads", ".attn", ".mlp")]
-    with capture(vlm, [*sites, f"vision.layer[{n - 1}]"]) as cap:
-        vlm.model.get_image_features(pixel_values=pixel_values.to(vlm.device, vlm.dtype))
-    final = cap[f"vision.layer[{n - 1}]"][:, 0].float()
+    sites = [site("vision.layer", i, p) for i in range(n) for p in ("attn.heads", "attn", "mlp")]
+    last = site("vision.layer", n - 1)
+    with capture(vlm, [*sites, last]) as cap:
+        vlm.image_features(pixel_values)
+    final = cap[last][:, 0].float()
     lin, bias = _linearised(vlm, final)
     per_head = torch.stack(
         [
-            _head_split(
-                vlm.resolve(f"vision.layer[{i}].attn.heads"), cap[f"{s}.attn.heads"][:, 0], heads
-            )
-            for i, s in ((i, f"vision.layer[{i}]") for i in range(n))
+            _head_split(vlm.resolve(x), cap[x][:, 0], heads)
+            for x in (site("vision.layer", i, "attn.heads") for i in range(n))
         ],
         dim=1,
     )  # (images, layers, heads, D)
-    attn = torch.stack([cap[f"vision.layer[{i}].attn"][:, 0].float() for i in range(n)], 1)
-    mlps = torch.stack([cap[f"vision.layer[{i}].mlp"][:, 0].float() for i in range(n)], 1)
+    attn = torch.stack([cap[site("vision.layer", i, "attn")][:, 0].float() for i in range(n)], 1)
+    mlps = torch.stack([cap[site("vision.layer", i, "mlp")][:, 0].float() for i in range(n)], 1)
     embed = final - attn.sum(1) - mlps.sum(1)
     return Decomposition(
         embed=lin(embed).cpu().numpy(),
@@ -139,21 +139,23 @@ def token_contributions(vlm: VLM, pixel_values: torch.Tensor, layer: int) -> np.
     n = vlm.num_layers("vision.layer")
     heads = vlm.num_heads("vision.layer")
     layer = layer % n
-    site = f"vision.layer[{layer}]"
-    wanted = [site, f"{site}.attn", f"{site}.mlp", f"{site}.attn.probs", f"vision.layer[{n - 1}]"]
-    with capture(vlm, wanted) as cap:
-        vlm.model.get_image_features(pixel_values=pixel_values.to(vlm.device, vlm.dtype))
-    block, attn = vlm.resolve(site), vlm.resolve(f"{site}.attn")
-    residual_in = cap[site] - cap[f"{site}.attn"] - cap[f"{site}.mlp"]
-    norm1, v_proj = block.get_submodule("layer_norm1"), attn.get_submodule("v_proj")
-    values = v_proj(norm1(residual_in)).float()  # (images, tokens, D)
-    probs = cap[f"{site}.attn.probs"][:, :, 0].float()  # (images, heads, tokens)
+
+    def at(part: str = "") -> str:
+        return site("vision.layer", layer, part)
+
+    last = site("vision.layer", n - 1)
+    with capture(vlm, [at(), at("attn"), at("mlp"), at("attn.probs"), last]) as cap:
+        vlm.image_features(pixel_values)
+    residual_in = cap[at()] - cap[at("attn")] - cap[at("mlp")]
+    norm, v_proj = vlm.resolve(at("attn.norm")), vlm.resolve(at("attn.values"))
+    values = v_proj(norm(residual_in)).float()  # (images, tokens, D)
+    probs = cap[at("attn.probs")][:, :, 0].float()  # (images, heads, tokens)
     size = values.shape[-1] // heads
     values = values.unflatten(-1, (heads, size)).transpose(1, 2)  # (images, heads, tokens, hd)
     weighted = probs[..., None] * values
-    out_proj = vlm.resolve(f"{site}.attn.heads")
+    out_proj = vlm.resolve(at("attn.heads"))
     w = _tensor(out_proj, "weight").view(-1, heads, size)
     per = torch.einsum("bhtk,dhk->bhtd", weighted, w)
     per = per + _tensor(out_proj, "bias") / (heads * per.shape[2])
-    lin, _ = _linearised(vlm, cap[f"vision.layer[{n - 1}]"][:, 0].float())
+    lin, _ = _linearised(vlm, cap[last][:, 0].float())
     return np.asarray(lin(per).cpu().numpy())

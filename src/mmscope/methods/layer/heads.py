@@ -26,6 +26,7 @@ from mmscope.core.errors import InputError, SiteError
 from mmscope.core.hooks import capture, patch
 from mmscope.core.inputs import Inputs
 from mmscope.core.registry import register
+from mmscope.core.sites import Site, site
 from mmscope.core.state import preserved
 from mmscope.core.targets import BoundTarget, Target
 from mmscope.core.validate import positive_int
@@ -118,7 +119,7 @@ class HeadResult(Result):
         for i, p in enumerate(maps):
             sub = fig.add_subplot(grid[1, i])
             sub.imshow(p.maps[item], cmap="magma")
-            sub.set_title(f"{p.stack}[{p.layer}] head {p.head}", fontsize=7)
+            sub.set_title(f"{site(p.stack, p.layer)} head {p.head}", fontsize=7)
             sub.set_axis_off()
         return fig
 
@@ -260,12 +261,12 @@ class HeadImportance(Analysis):
     def __call__(self, vlm: VLM, inputs: Inputs, target: Target | None = None) -> HeadResult:
         stacks, notes = self._stacks(vlm, inputs)
         layers, skipped = _layers(vlm, stacks)
-        sites = [f"{s}[{i}].attn.heads" for s in stacks for i in layers[s]]
+        sites = [site(s, i, "attn.heads") for s in stacks for i in layers[s]]
         with preserved(vlm.model):
             bound = bind(vlm, inputs, target)
             with capture(vlm, sites if self.fill == "mean" else []) as cap:
                 clean = run_scores(vlm, bound)
-            means = {x: _group_means(vlm, bound.inputs, x.split("[")[0], cap[x]) for x in cap}
+            means = {x: _group_means(vlm, bound.inputs, Site.parse(x).stack, cap[x]) for x in cap}
             if self.method == "gradient":
                 imp = _gradients(vlm, bound, stacks, layers)
             else:
@@ -317,12 +318,12 @@ class HeadImportance(Analysis):
             tables: dict[str, torch.Tensor] = {}
             for t, (s, layer, h) in enumerate(chunk):
                 table = tables.setdefault(
-                    f"{s}[{layer}].attn.heads",
+                    site(s, layer, "attn.heads"),
                     torch.zeros(len(chunk) * batch, imp[s].shape[2], dtype=torch.bool),
                 )
                 table[t * batch : (t + 1) * batch, h] = True
             fns = {
-                x: _head_fn(vlm, tiled, x.split("[")[0], table, means.get(x))
+                x: _head_fn(vlm, tiled, Site.parse(x).stack, table, means.get(x))
                 for x, table in tables.items()
             }
             with patch(vlm, fns):
@@ -339,11 +340,11 @@ def _gradients(
     NaN at the layers without softmax attention)."""
     batch = bound.inputs.batch_size
     masks = {
-        f"{s}[{i}].attn.heads": torch.ones(batch, vlm.num_heads(s), requires_grad=True)
+        site(s, i, "attn.heads"): torch.ones(batch, vlm.num_heads(s), requires_grad=True)
         for s in stacks
         for i in layers[s]
     }
-    fns = {x: _head_fn(vlm, bound.inputs, x.split("[")[0], m) for x, m in masks.items()}
+    fns = {x: _head_fn(vlm, bound.inputs, Site.parse(x).stack, m) for x, m in masks.items()}
     with torch.enable_grad(), patch(vlm, fns):
         out = bound(vlm.forward(bound.inputs))[:, 0].float()
         grads = torch.autograd.grad(out.sum(), list(masks.values()), allow_unused=True)
@@ -352,7 +353,7 @@ def _gradients(
     }
     nan = {s: torch.full((batch, vlm.num_heads(s)), float("nan")) for s in stacks}
     per_layer = {
-        s: [got.get(f"{s}[{i}].attn.heads", nan[s]) for i in range(vlm.num_layers(s))]
+        s: [got.get(site(s, i, "attn.heads"), nan[s]) for i in range(vlm.num_layers(s))]
         for s in stacks
     }
     return {s: torch.stack(g, 1).detach().cpu().numpy() for s, g in per_layer.items()}
@@ -365,7 +366,8 @@ def _patterns(vlm: VLM, bound: BoundTarget, heads: list[Head]) -> tuple[HeadPatt
     kept = [h for h in heads if f"{h[0]}.attn" in vlm.ATTENTION_ROLES and h[0] != "text.layer"]
     if not kept or not any(inputs.image_spans):
         return ()
-    with torch.no_grad(), capture(vlm, sorted({f"{s}[{i}].attn.probs" for s, i, _ in kept})) as cap:
+    wanted = sorted({site(s, i, "attn.probs") for s, i, _ in kept})
+    with torch.no_grad(), capture(vlm, wanted) as cap:
         vlm.forward(inputs)
     first_image: dict[int, int] = {}
     for i, b in enumerate(_group_rows(inputs, "vision.layer").tolist()):
@@ -384,7 +386,7 @@ def _patterns(vlm: VLM, bound: BoundTarget, heads: list[Head]) -> tuple[HeadPatt
     vision_query = "class token" if vlm.CLASS_TOKEN else "pooling" if pooled is not None else "mean"
     out = []
     for s, layer, h in kept:
-        probs = cap[f"{s}[{layer}].attn.probs"].float().cpu()
+        probs = cap[site(s, layer, "attn.probs")].float().cpu()
         maps: list[np.ndarray | None] = []
         for b, spans in enumerate(inputs.image_spans):
             rows, cols = spans[0].grid if spans else (0, 0)

@@ -34,6 +34,7 @@ import torch
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.inputs import Inputs
 from mmscope.core.registry import register
+from mmscope.core.sites import site
 from mmscope.core.targets import BoundTarget, Target
 from mmscope.core.validate import integer, number, positive_int, valid_seed
 from mmscope.methods.analysis import (
@@ -126,10 +127,10 @@ class CausalTrace(Analysis):
         no_heads: dict[str, str] = {}
         if self.preset == "head":
             heads = vlm.num_heads(where)
-            width = _heads_width(vlm, where) // heads
+            width = vlm.head_dim(where)
             kept, no_heads = softmax_only(vlm, where, range(layers), "causal_trace (heads)")
             units: list[Restoration] = [
-                ((f"{where}[{k}].attn.heads", chosen, (h * width, (h + 1) * width)),)
+                ((site(where, k, "attn.heads"), chosen, (h * width, (h + 1) * width)),)
                 for k in kept
                 for h in range(heads)
             ]
@@ -157,7 +158,7 @@ class CausalTrace(Analysis):
         effect = traced.reshape(inputs.batch_size, *shape)
         if no_heads:  # layers without softmax-attention heads: NaN
             full = np.full((inputs.batch_size, layers, shape[1]), np.nan)
-            full[:, [k for k in range(layers) if f"{where}[{k}]" not in no_heads]] = effect
+            full[:, [k for k in range(layers) if site(where, k) not in no_heads]] = effect
             effect = full
         if skipped:  # skipped positions: exactly 0, or NaN where no restoration can matter
             flat = normalised_effect(clean, clean, corrupt).isnan().numpy()
@@ -213,11 +214,11 @@ class CausalTrace(Analysis):
         self, vlm: VLM, where: str, layer: int, pos: int, layers: int, window: int
     ) -> Restoration:
         if self.preset == "residual":
-            return ((f"{where}[{layer}]", (pos,), None),)
+            return ((site(where, layer), (pos,), None),)
         low, high = max(0, layer - window // 2), min(layers, layer - (-window // 2))
         if self.preset == "attn":
             return tuple((_mixer(vlm, where, j), (pos,), None) for j in range(low, high))
-        return tuple((f"{where}[{j}].{self.preset}", (pos,), None) for j in range(low, high))
+        return tuple((site(where, j, self.preset), (pos,), None) for j in range(low, high))
 
 
 def _mixer(vlm: VLM, where: str, layer: int) -> str:
@@ -226,8 +227,8 @@ def _mixer(vlm: VLM, where: str, layer: int) -> str:
     if layer in vlm.non_softmax_layers(where):
         for role in ("linear_attn", "cross_attn"):
             if f"{where}.{role}" in vlm.ROLES:
-                return f"{where}[{layer}].{role}"
-    return f"{where}[{layer}].attn"
+                return site(where, layer, role)
+    return site(where, layer, "attn")
 
 
 def _length(vlm: VLM, inputs: Inputs) -> int:
@@ -235,16 +236,6 @@ def _length(vlm: VLM, inputs: Inputs) -> int:
     if not vlm.contrastive:
         return int(inputs.input_ids.shape[1])
     return max(span.end for item in inputs.image_spans for span in item)
-
-
-def _heads_width(vlm: VLM, where: str) -> int:
-    first = (vlm.softmax_layers(where) or [0])[0]
-    width = getattr(vlm.resolve(f"{where}[{first}].attn.heads"), "in_features", None)
-    if not width:
-        raise NotApplicableError(
-            f"cannot tell the width of {where}[{first}].attn.heads of {vlm.name}"
-        )
-    return int(width)
 
 
 def _first_reached(vlm: VLM, inputs: Inputs, counter: Inputs | None) -> int:

@@ -24,9 +24,9 @@ from mmscope.core.errors import InputError
 from mmscope.methods.activations import token_rows
 
 if TYPE_CHECKING:
-    from mmscope.bench.items import BenchItem
     from mmscope.core.inputs import Inputs
     from mmscope.models.base import VLM
+    from mmscope.world.items import BenchItem
 
 FORMAT = 1
 FIELDS = ("count", "active", "total", "max", "top_values", "top_items", "top_positions")

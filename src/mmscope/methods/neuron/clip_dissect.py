@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from scipy.special import logsumexp, softmax
 
-from mmscope.bench.items import item_scenes
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import capture
 from mmscope.core.registry import register
@@ -36,11 +35,12 @@ from mmscope.methods.neuron.concept_truth import kinds_summary
 from mmscope.methods.neuron.dissect import DissectionResult, default_sites
 from mmscope.methods.study import KIND, Study
 from mmscope.world import concept_vocabulary, image_concepts
+from mmscope.world.items import item_scenes
 
 if TYPE_CHECKING:
-    from mmscope.bench.items import BenchItem
     from mmscope.models.base import VLM
     from mmscope.world import Scene
+    from mmscope.world.items import BenchItem
 
 POOLS = ("mean", "max", "class")
 

@@ -14,8 +14,8 @@ from mmscope.world import COLORS, SHAPES, SIZES, STYLES, patch_concepts, render
 from mmscope.world.concepts import BACKGROUND
 
 if TYPE_CHECKING:
-    from mmscope.bench.items import BenchItem
     from mmscope.world import Scene
+    from mmscope.world.items import BenchItem
 
 
 def patch_concept_matrix(

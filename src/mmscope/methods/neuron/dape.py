@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmscope.bench.items import BENCH_SEED, BenchItem, question_item
 from mmscope.core.errors import InputError
 from mmscope.core.registry import register
 from mmscope.core.validate import number, positive_int, valid_seed
@@ -30,6 +29,8 @@ from mmscope.methods.neuron.stats import NeuronStatsStudy, check_sites
 from mmscope.methods.study import KIND, Study
 from mmscope.models.base import parse_site
 from mmscope.world import STYLES, WorldConfig, make_samples
+from mmscope.world.items import BenchItem, question_item
+from mmscope.world.seeds import BENCH_SEED
 
 if TYPE_CHECKING:
     from mmscope.models.base import VLM

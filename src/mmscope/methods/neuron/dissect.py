@@ -24,20 +24,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy.stats import hypergeom
 
-from mmscope.bench.items import item_scenes
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.registry import register
+from mmscope.core.sites import site
 from mmscope.core.validate import number, positive_int
 from mmscope.methods.activations import Activations, collect
 from mmscope.methods.analysis import new_figure
 from mmscope.methods.neuron.base import NeuronSet
 from mmscope.methods.neuron.concept_truth import kinds_summary, patch_concept_matrix
 from mmscope.methods.study import KIND, Study
+from mmscope.world.items import item_scenes
 
 if TYPE_CHECKING:
-    from mmscope.bench.items import BenchItem
     from mmscope.models.base import VLM
     from mmscope.world import Scene
+    from mmscope.world.items import BenchItem
 
 #: Significance of "IoU above chance" (hypergeometric test, Bonferroni over the concepts).
 ALPHA = 0.01
@@ -102,7 +103,7 @@ def default_sites(vlm: VLM, sites: Sequence[str]) -> list[str]:
     """``sites``, or every vision MLP activation."""
     if sites:
         return list(sites)
-    return [f"vision.layer[{i}].mlp.act" for i in range(vlm.num_layers("vision.layer"))]
+    return [site("vision.layer", i, "mlp.act") for i in range(vlm.num_layers("vision.layer"))]
 
 
 def collect_images(
@@ -116,7 +117,7 @@ def collect_images(
     except NotApplicableError:
         if sites or vlm.contrastive:
             raise
-    lm = [f"lm.layer[{i}].mlp.act" for i in range(vlm.num_layers("lm.layer"))]
+    lm = [site("lm.layer", i, "mlp.act") for i in range(vlm.num_layers("lm.layer"))]
     return collect(vlm, items, lm, groups=("image",), batch_size=batch_size)
 
 
@@ -177,14 +178,14 @@ class NetworkDissection(Study):
         names, concepts = patch_concept_matrix(first, items, found, self.min_cover, self.background)
         rows: dict[str, list[Any]] = {k: [] for k in COLUMNS}
         agree: list[bool] = []
-        for site in sites:
-            a = acts[site]
+        for at in sites:
+            a = acts[at]
             if not (np.array_equal(a.item, first.item) and np.array_equal(a.patch, first.patch)):
                 first = a
                 names, concepts = patch_concept_matrix(
                     a, items, found, self.min_cover, self.background
                 )
-            agree += add_units(rows, site, a, names, concepts, self.quantile, self.min_iou)
+            agree += add_units(rows, at, a, names, concepts, self.quantile, self.min_iou)
         n = len(names)
         return dissection_result("network_dissection", rows, n, agree, self.settings())
 

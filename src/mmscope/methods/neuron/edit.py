@@ -30,8 +30,8 @@ from mmscope.methods.neuron.base import NeuronSet
 from mmscope.methods.study import KIND, Study
 
 if TYPE_CHECKING:
-    from mmscope.bench.items import BenchItem
     from mmscope.models.base import VLM
+    from mmscope.world.items import BenchItem
 
 MODES = ("zero", "scale")
 

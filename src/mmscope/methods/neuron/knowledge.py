@@ -28,6 +28,7 @@ import torch
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import capture, patch
 from mmscope.core.registry import register
+from mmscope.core.sites import Site, site
 from mmscope.core.state import preserved
 from mmscope.core.targets import answer_id
 from mmscope.core.validate import number, positive_int
@@ -36,9 +37,9 @@ from mmscope.methods.neuron.base import NeuronSet
 from mmscope.methods.study import KIND, Study
 
 if TYPE_CHECKING:
-    from mmscope.bench.items import BenchItem
     from mmscope.core.inputs import Inputs
     from mmscope.models.base import VLM
+    from mmscope.world.items import BenchItem
 
 #: Knowledge neurons per fact that the paper's adaptive share aims at, and its step.
 BOUNDS = (2, 5)
@@ -171,15 +172,15 @@ class KnowledgeNeurons(Study):
     def attributions(self, vlm: VLM, items: Sequence[BenchItem]) -> dict[str, np.ndarray]:
         """Per site, ``(items, width)`` attributions to each item's answer."""
         _decoder_only(vlm)
-        sites = [f"lm.layer[{layer}].mlp.act" for layer in _layers(vlm, self.layers)]
+        sites = [site("lm.layer", layer, "mlp.act") for layer in _layers(vlm, self.layers)]
         parts: dict[str, list[np.ndarray]] = defaultdict(list)
         for _, chunk in batches(items, self.batch_size):
             inputs = vlm.prepare([it.image for it in chunk], [it.prompt for it in chunk])
             targets = [answer_id(vlm, it.answer) for it in chunk]
-            for site in sites:
-                attr = integrated_gradients(vlm, inputs, site, targets, self.steps)
-                parts[site].append(attr.cpu().numpy())
-        return {site: np.concatenate(parts[site]) for site in sites}
+            for at in sites:
+                attr = integrated_gradients(vlm, inputs, at, targets, self.steps)
+                parts[at].append(attr.cpu().numpy())
+        return {at: np.concatenate(parts[at]) for at in sites}
 
     def __call__(self, vlm: VLM, items: Sequence[BenchItem]) -> NeuronSet:
         _decoder_only(vlm)
@@ -207,7 +208,7 @@ class KnowledgeNeurons(Study):
                 labels.append(str(answer))
                 scores.append(float(mean[s, u]))
         settings: dict[str, Any] = {
-            "layers": [int(s.split("[")[1].split("]")[0]) for s in sites],
+            "layers": [Site.parse(s).layer for s in sites],
             "steps": self.steps,
             "threshold": self.threshold,
             "share": self.share,

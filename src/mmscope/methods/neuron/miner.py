@@ -20,6 +20,7 @@ nonzero attention weights the default sites leave out the MLPs of the linear-att
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch
 from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import patch
 from mmscope.core.registry import register
+from mmscope.core.sites import Site, site
 from mmscope.core.validate import number, positive_int
 from mmscope.methods.activations import batches
 from mmscope.methods.neuron.accumulate import RowCache
@@ -39,8 +41,8 @@ from mmscope.models.base import parse_site
 from mmscope.models.capabilities import require_softmax, softmax_only
 
 if TYPE_CHECKING:
-    from mmscope.bench.items import BenchItem
     from mmscope.models.base import VLM
+    from mmscope.world.items import BenchItem
 
 MODALITIES = ("image", "text")
 METRICS = ("prob", "mean", "max", "attn_k", "attn_q")
@@ -131,11 +133,11 @@ class Miner(Study):
         skipped: dict[str, str] = {}
         if attend:
             sites, skipped = self._attending(vlm, sites)
-        probs = {s: s[: -len(".mlp.act")] + ".attn.probs" for s in sites}
-        for site in sites:
-            vlm.resolve(site)
+        probs = {s: str(replace(Site.parse(s), part="attn.probs")) for s in sites}
+        for at in sites:
+            vlm.resolve(at)
             if attend:
-                vlm.resolve(probs[site])
+                vlm.resolve(probs[at])
         groups = ("image", "text", "last")
         total: dict[str, torch.Tensor] = {}
         seen = torch.zeros(len(MODALITIES))
@@ -186,16 +188,15 @@ class Miner(Study):
     def _attending(self, vlm: VLM, sites: Sequence[str]) -> tuple[list[str], dict[str, str]]:
         """The sites whose layer has softmax attention, for the attention scores: a named site
         without raises; the default sites without are skipped (``{site: why}``)."""
-        parsed = [parse_site(s) for s in sites]
+        parsed = [Site.parse(s) for s in sites]
         if self.sites:
-            for site, (role, index) in zip(sites, parsed):
-                if index is not None:
-                    stack = role.removesuffix(".mlp.act")
-                    require_softmax(vlm, stack, index, f"miner's attention scores at {site}")
+            for at, p in zip(sites, parsed):
+                if p.layer is not None:
+                    require_softmax(vlm, p.stack, p.layer, f"miner's attention scores at {at}")
             return list(sites), {}
-        layers = [index for _, index in parsed if index is not None]
+        layers = [p.layer for p in parsed if p.layer is not None]
         kept, skipped = softmax_only(vlm, "lm.layer", layers, "miner's attention scores")
-        return [f"lm.layer[{i}].mlp.act" for i in kept], skipped
+        return [site("lm.layer", i, "mlp.act") for i in kept], skipped
 
     def _result(
         self,

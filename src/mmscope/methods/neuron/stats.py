@@ -23,6 +23,7 @@ import torch
 from mmscope.core.errors import InputError
 from mmscope.core.hooks import patch
 from mmscope.core.registry import register
+from mmscope.core.sites import sites
 from mmscope.core.validate import integer, positive_int
 from mmscope.methods.activations import GROUPS, batches
 from mmscope.methods.analysis import Result, new_figure
@@ -31,14 +32,14 @@ from mmscope.methods.study import KIND, Study
 from mmscope.models.base import parse_site
 
 if TYPE_CHECKING:
-    from mmscope.bench.items import BenchItem
     from mmscope.models.base import VLM
+    from mmscope.world.items import BenchItem
 
 
 def default_sites(vlm: VLM) -> tuple[str, ...]:
     """Every MLP activation of the stack where image and text meet (CLIP: the vision tower)."""
     stack = "vision.layer" if vlm.contrastive else "lm.layer"
-    return tuple(f"{stack}[{i}].mlp.act" for i in range(vlm.num_layers(stack)))
+    return tuple(sites(stack, range(vlm.num_layers(stack)), "mlp.act"))
 
 
 @dataclass(frozen=True, eq=False)

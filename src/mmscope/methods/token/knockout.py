@@ -38,6 +38,7 @@ from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import mask_attention
 from mmscope.core.inputs import Inputs
 from mmscope.core.registry import register
+from mmscope.core.sites import site
 from mmscope.core.state import preserved
 from mmscope.core.targets import BoundTarget, Target
 from mmscope.core.validate import integer, positive_int
@@ -257,8 +258,8 @@ class AttentionKnockout(Analysis):
                     continue
                 f, start = combo
                 for layer in runs[start]:
-                    site = f"{where}[{layer}].attn"
-                    rows = tiles.setdefault(site, _none(length).repeat(len(chunk) * batch, 1, 1))
+                    at = site(where, layer, "attn")
+                    rows = tiles.setdefault(at, _none(length).repeat(len(chunk) * batch, 1, 1))
                     rows[t * batch : (t + 1) * batch] = blocks[f]
             with mask_attention(vlm, tiles):
                 tiled = bound.inputs.tile(len(chunk))

@@ -24,6 +24,7 @@ from mmscope.core.errors import InputError
 from mmscope.core.hooks import capture
 from mmscope.core.inputs import ImageSpan, Inputs
 from mmscope.core.registry import register
+from mmscope.core.sites import site
 from mmscope.core.targets import Target
 from mmscope.core.validate import positive_int
 from mmscope.methods.analysis import (
@@ -156,7 +157,7 @@ def _readout(vlm: VLM, inputs: Inputs) -> tuple[Readout, list[str], list[int]]:
     """(hidden -> logits, names of the logits' columns, per item the target's column)."""
     if not vlm.contrastive:
         norm, head = vlm.resolve("lm.norm"), vlm.resolve("lm_head")
-        size = int(vlm.model.get_output_embeddings().weight.shape[0])
+        size = vlm.vocab_size
         names = [str(t) for t in vlm.tokenizer.convert_ids_to_tokens(list(range(size)))]
         cap = vlm.final_logit_softcap
         if cap is None:
@@ -174,7 +175,7 @@ def _readout(vlm: VLM, inputs: Inputs) -> tuple[Readout, list[str], list[int]]:
 
     out = vlm.forward(inputs)
     texts = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
-    scale = vlm.model.logit_scale.exp().float()
+    scale = vlm.logit_scale
 
     def read(h: torch.Tensor) -> torch.Tensor:
         image = torch.nn.functional.normalize(proj(norm(h)).float(), dim=-1)
@@ -211,10 +212,10 @@ class LogitLens(Analysis):
         n = vlm.num_layers(where)
         layers = sorted({layer % n for layer in (self.layers or range(n))})
         read, names, target_cols = _readout(vlm, inputs)
-        sites = [f"{where}[{layer}]" for layer in layers]
+        sites = [site(where, layer) for layer in layers]
         with capture(vlm, sites) as cap:
             vlm.forward(inputs)
-        last = read(cap[f"{where}[{n - 1}]"]) if not vlm.contrastive else None
+        last = read(cap[site(where, n - 1)]) if not vlm.contrastive else None
         if not vlm.contrastive:
             if target is None:  # the model's own answer: the last layer's top token
                 assert last is not None
@@ -224,8 +225,8 @@ class LogitLens(Analysis):
         cols = torch.tensor(target_cols).view(-1, 1, 1)
         k = min(self.k, len(names))
         tops, top_probs, probs, ranks = [], [], [], []
-        for site in sites:
-            logp = torch.log_softmax(read(cap[site]).float(), dim=-1)
+        for at in sites:
+            logp = torch.log_softmax(read(cap[at]).float(), dim=-1)
             chosen = logp.gather(-1, cols.expand(*logp.shape[:2], 1).to(logp.device))
             values, ids = logp.topk(k, dim=-1)
             tops.append(ids.cpu().numpy())

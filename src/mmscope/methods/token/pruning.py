@@ -26,6 +26,7 @@ import torch
 from mmscope.core.errors import InputError
 from mmscope.core.hooks import capture, mask_attention
 from mmscope.core.registry import register
+from mmscope.core.sites import site
 from mmscope.core.targets import Predicted, Target
 from mmscope.core.validate import integer, number, positive_int
 from mmscope.methods.analysis import Analysis, Result, jsonable, new_figure, next_token_ids
@@ -126,7 +127,7 @@ def masked_logits(vlm: VLM, inputs: Inputs, settings: Sequence[Setting]) -> torc
             if k <= layer:
                 for b, keys in enumerate(pruned):
                     block[s * batch + b] = block_matrix(length, range(length), keys)
-        blocked[f"lm.layer[{layer}].attn"] = block
+        blocked[site("lm.layer", layer, "attn")] = block
     with mask_attention(vlm, blocked):
         last = _logits(vlm.forward(tiled))[:, -1].float().cpu()
     return last.reshape(n, batch, -1)
@@ -266,7 +267,7 @@ class FastV(Analysis):
         where = [image_positions(inputs, b) for b in range(batch)]
         if not all(where):
             raise InputError("FastV prunes image tokens; every item needs an image")
-        sites = {k: f"lm.layer[{k - 1}].attn.probs" for k in self.layers}
+        sites = {k: site("lm.layer", k - 1, "attn.probs") for k in self.layers}
         with torch.no_grad(), capture(vlm, sorted(set(sites.values()))) as cap:
             base = _logits(vlm.forward(inputs))[:, -1].float().cpu()
         ids = _answer_ids(vlm, inputs, target, base)
@@ -322,9 +323,7 @@ def _flops(
     ratios: tuple[float, ...],
     num_layers: int,
 ) -> np.ndarray:
-    config = vlm.model.config
-    text = getattr(config, "text_config", None) or config
-    hidden, inter = int(text.hidden_size), int(text.intermediate_size)
+    hidden, inter = vlm.hidden_size("lm.layer"), vlm.mlp_size("lm.layer")
     lengths = inputs.attention_mask.sum(-1).tolist()
     out = np.zeros((len(layers), len(ratios)))
     softmax = vlm.softmax_layers("lm.layer")

@@ -11,27 +11,27 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from mmscope.models.tiny.clip import tiny_clip
-from mmscope.models.tiny.llava import tiny_llava
-from mmscope.models.tiny.qwen2_vl import tiny_qwen2_vl
+from mmscope.toys.tiny.clip import tiny_clip
+from mmscope.toys.tiny.llava import tiny_llava
+from mmscope.toys.tiny.qwen2_vl import tiny_qwen2_vl
 
 #: Builder name -> ``module:function`` of the tiny model of each adapter family.
 TINY: dict[str, str] = {
-    "tiny_llava": "mmscope.models.tiny.llava:tiny_llava",
-    "tiny_clip": "mmscope.models.tiny.clip:tiny_clip",
-    "tiny_qwen2_vl": "mmscope.models.tiny.qwen2_vl:tiny_qwen2_vl",
-    "tiny_siglip": "mmscope.models.tiny.siglip:tiny_siglip",
-    "tiny_paligemma": "mmscope.models.tiny.paligemma:tiny_paligemma",
-    "tiny_gemma3": "mmscope.models.tiny.gemma3:tiny_gemma3",
-    "tiny_qwen2_5_vl": "mmscope.models.tiny.qwen2_5_vl:tiny_qwen2_5_vl",
-    "tiny_qwen3_vl": "mmscope.models.tiny.qwen3_vl:tiny_qwen3_vl",
-    "tiny_qwen3_5": "mmscope.models.tiny.qwen3_5:tiny_qwen3_5",
-    "tiny_gemma4": "mmscope.models.tiny.gemma4:tiny_gemma4",
-    "tiny_mllama": "mmscope.models.tiny.mllama:tiny_mllama",
-    "tiny_llava_next": "mmscope.models.tiny.llava_next:tiny_llava_next",
-    "tiny_llava_onevision": "mmscope.models.tiny.llava_onevision:tiny_llava_onevision",
-    "tiny_idefics3": "mmscope.models.tiny.idefics3:tiny_idefics3",
-    "tiny_internvl": "mmscope.models.tiny.internvl:tiny_internvl",
+    "tiny_llava": "mmscope.toys.tiny.llava:tiny_llava",
+    "tiny_clip": "mmscope.toys.tiny.clip:tiny_clip",
+    "tiny_qwen2_vl": "mmscope.toys.tiny.qwen2_vl:tiny_qwen2_vl",
+    "tiny_siglip": "mmscope.toys.tiny.siglip:tiny_siglip",
+    "tiny_paligemma": "mmscope.toys.tiny.paligemma:tiny_paligemma",
+    "tiny_gemma3": "mmscope.toys.tiny.gemma3:tiny_gemma3",
+    "tiny_qwen2_5_vl": "mmscope.toys.tiny.qwen2_5_vl:tiny_qwen2_5_vl",
+    "tiny_qwen3_vl": "mmscope.toys.tiny.qwen3_vl:tiny_qwen3_vl",
+    "tiny_qwen3_5": "mmscope.toys.tiny.qwen3_5:tiny_qwen3_5",
+    "tiny_gemma4": "mmscope.toys.tiny.gemma4:tiny_gemma4",
+    "tiny_mllama": "mmscope.toys.tiny.mllama:tiny_mllama",
+    "tiny_llava_next": "mmscope.toys.tiny.llava_next:tiny_llava_next",
+    "tiny_llava_onevision": "mmscope.toys.tiny.llava_onevision:tiny_llava_onevision",
+    "tiny_idefics3": "mmscope.toys.tiny.idefics3:tiny_idefics3",
+    "tiny_internvl": "mmscope.toys.tiny.internvl:tiny_internvl",
 }
 
 

@@ -1,7 +1,7 @@
 """A tiny random-weight LLaVA-OneVision (SigLIP tower, 32 px tiles, 4x4 patches a tile, Qwen2
 LM, 2+2 layers), built offline.
 
-The grid pinpoints are LLaVA-NeXT's tiny ones (``mmscope.models.tiny.llava_next``): a 48x48
+The grid pinpoints are LLaVA-NeXT's tiny ones (``mmscope.toys.tiny.llava_next``): a 48x48
 image is 16 + 4 * (4 + 1) = 36 image tokens, a 64x32 (w x h) one 16 + 4 * (8 + 1) = 52, an image
 of a two-image prompt 16 + 1. ``max_tiles=1`` (``anyres_max_1``) makes the model shrink a
 two-tile grid (4x8 kept patches: ratio sqrt(2) > 1.1) to 2x5 cells.
@@ -19,8 +19,8 @@ from transformers import (
 )
 
 from mmscope.models.llava_onevision import ImageOnlyLlavaOnevisionProcessor, LlavaOnevisionVLM
-from mmscope.models.tiny.llava_next import PATCH, PINPOINTS, SIZE
 from mmscope.toys import build
+from mmscope.toys.tiny.llava_next import PATCH, PINPOINTS, SIZE
 from mmscope.toys.tokenizer import SPECIALS, build_tokenizer
 
 

@@ -11,8 +11,8 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from mmscope.models.qwen2_5_vl import ImageOnlyQwen2_5_VLProcessor, Qwen2_5_VLVLM
-from mmscope.models.tiny.qwen2_vl import FACTOR, MERGE_SIZE, PATCH_SIZE, QWEN_SPECIALS
-from mmscope.models.tiny.qwen2_vl import tiny_processor as qwen_processor
+from mmscope.toys.tiny.qwen2_vl import FACTOR, MERGE_SIZE, PATCH_SIZE, QWEN_SPECIALS
+from mmscope.toys.tiny.qwen2_vl import tiny_processor as qwen_processor
 
 #: Window side in pixels: 2 merged cells of 28 pixels.
 WINDOW_SIZE = 2 * FACTOR

@@ -6,8 +6,8 @@ import torch
 from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
 from mmscope.models.qwen3_5 import Qwen3_5VLM
-from mmscope.models.tiny.qwen2_vl import QWEN_SPECIALS
-from mmscope.models.tiny.qwen3_vl import PATCH_SIZE, tiny_processor
+from mmscope.toys.tiny.qwen2_vl import QWEN_SPECIALS
+from mmscope.toys.tiny.qwen3_vl import PATCH_SIZE, tiny_processor
 
 #: The LM's layer types: softmax, linear (gated delta net), softmax. A linear layer between two
 #: softmax ones, so that skipping it shows in rollout, knockout windows and FastV's pruning.

@@ -6,8 +6,8 @@ import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from mmscope.models.qwen3_vl import ImageOnlyQwen3VLProcessor, Qwen3VLVLM
-from mmscope.models.tiny.qwen2_vl import MERGE_SIZE, QWEN_SPECIALS
-from mmscope.models.tiny.qwen2_vl import tiny_processor as qwen_processor
+from mmscope.toys.tiny.qwen2_vl import MERGE_SIZE, QWEN_SPECIALS
+from mmscope.toys.tiny.qwen2_vl import tiny_processor as qwen_processor
 
 #: Qwen3-VL's patch side: one merged token per 32x32 pixels.
 PATCH_SIZE = 16
