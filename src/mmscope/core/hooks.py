@@ -32,7 +32,10 @@ def _main(output: Any) -> torch.Tensor:
 
 def _probs(output: Any, site: str) -> torch.Tensor:
     if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
-        raise SiteError(f"{site} gave no attention probabilities (is attention eager?)")
+        raise SiteError(
+            f"{site} gave no attention probabilities: its attention implementation does not "
+            "return them; load the model with attn_implementation='eager'"
+        )
     return output[1]
 
 

@@ -75,7 +75,10 @@ def load_image(source: ImageLike, *, allow_large: bool = False) -> Image.Image:
             raise ImageError(f"the image is corrupt or truncated: {err}") from None
     if isinstance(source, np.ndarray):
         if source.ndim not in (2, 3) or (source.ndim == 3 and source.shape[2] not in (1, 3, 4)):
-            raise ImageError(f"an image array must be HxW or HxWx(1|3|4), got {source.shape}")
+            video = " (a video's frames? pass them as images)" if source.ndim == 4 else ""
+            raise ImageError(
+                f"an image array must be HxW or HxWx(1|3|4), got {source.shape}{video}"
+            )
         arr = source[..., 0] if source.ndim == 3 and source.shape[2] == 1 else source
         if arr.dtype != np.uint8:
             raise ImageError(f"an image array must be uint8, got {arr.dtype}")

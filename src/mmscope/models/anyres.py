@@ -25,6 +25,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -134,7 +135,8 @@ class Layout:
         if not self.n_tiles:
             return [base]
         rows, cols = self.grid
-        cells = tuple(start + n + r * (cols + 1) + c for r in range(rows) for c in range(cols))
+        rows_at = start + n + (cols + 1) * np.arange(rows)[:, None]  # each row's first cell
+        cells = tuple((rows_at + np.arange(cols)).ravel().tolist())
         tiles = ImageSpan(
             start + n, start + self.length, self.grid, "lm", self.tiles_box, image, "tiles", cells
         )

@@ -40,6 +40,8 @@ def used_rows(pixel_values: torch.Tensor, layouts: list[anyres.Layout]) -> torch
     """The processor's ``(images, rows, 3, size, size)`` as the used rows, concatenated."""
     if pixel_values.dim() == 4:
         return pixel_values
+    if len(layouts) == 1:  # one image: a view of its rows, no copy
+        return pixel_values[0, : layouts[0].rows]
     return torch.cat([image[: lay.rows] for image, lay in zip(pixel_values, layouts)])
 
 

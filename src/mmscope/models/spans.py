@@ -10,16 +10,10 @@ import torch
 
 def image_runs(ids: torch.Tensor, image_token_id: int) -> list[tuple[int, int]]:
     """Maximal runs ``[start, end)`` of ``image_token_id`` in a 1-D id tensor."""
-    is_img = (ids == image_token_id).tolist()
-    runs: list[tuple[int, int]] = []
-    start = None
-    for pos, flag in enumerate(is_img + [False]):
-        if flag and start is None:
-            start = pos
-        elif not flag and start is not None:
-            runs.append((start, pos))
-            start = None
-    return runs
+    flags = torch.zeros(ids.numel() + 2, dtype=torch.int8)
+    flags[1:-1] = (ids.reshape(-1) == image_token_id).to(torch.int8)
+    edges = torch.nonzero(flags.diff()).view(-1).tolist()  # starts (0 -> 1) and ends (1 -> 0)
+    return list(zip(edges[0::2], edges[1::2]))
 
 
 def prompt_positions(

@@ -86,3 +86,23 @@ def test_knockout_under_sdpa_equals_knockout_under_eager(tiny_llava, images):
     with torch.no_grad():
         plain = vlm.forward(inputs).logits
     assert (plain[:, -1] - out["eager"][:, -1]).abs().max() > 1e-4  # the knockout did something
+
+
+def test_an_attention_that_returns_no_probabilities_says_how_to_load_the_model(tiny_llava):
+    """A module outside transformers' attention interface (no config to switch) that returns
+    no probabilities: one typed error naming the fix, not a deep traceback."""
+    from mmscope.core.errors import SiteError
+
+    layer = tiny_llava.resolve("lm.layer[0].attn")
+
+    def drop_probs(module, args, output):
+        return (output[0], None)
+
+    handle = layer.register_forward_hook(drop_probs)
+    try:
+        inputs = tiny_llava.prepare(None, "what color is the circle ?")
+        with pytest.raises(SiteError, match="attn_implementation='eager'"):
+            with torch.no_grad(), capture(tiny_llava, "lm.layer[0].attn.probs"):
+                tiny_llava.forward(inputs)
+    finally:
+        handle.remove()

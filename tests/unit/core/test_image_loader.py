@@ -84,3 +84,12 @@ def test_probe_reads_the_header_only(tmp_path):
         probe_image(tmp_path / "t.png")
     with pytest.raises(ImageError, match="does not exist"):
         probe_image(tmp_path / "nope.png")
+
+
+def test_a_video_array_is_refused_with_what_to_do():
+    import numpy as np
+
+    from mmscope.core.images import load_image
+
+    with pytest.raises(ImageError, match=r"\(4, 8, 8, 3\) \(a video.s frames\?"):
+        load_image(np.zeros((4, 8, 8, 3), dtype=np.uint8))

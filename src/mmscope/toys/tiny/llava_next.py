@@ -24,12 +24,14 @@ SIZE, PATCH = 32, 8
 PINPOINTS = [[32, 32], [32, 64], [64, 32]]
 
 
-def tiny_processor(pinpoints: list[list[int]] | None = None) -> LlavaNextProcessor:
+def tiny_processor(
+    pinpoints: list[list[int]] | None = None, size: int = SIZE, patch: int = PATCH
+) -> LlavaNextProcessor:
     """The toy tokenizer and chat template with ``LlavaNextImageProcessorPil`` (32 px tiles,
     mean and std 0.5) and the CLIP tower's class token counted and dropped ("default")."""
     image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": SIZE},
-        crop_size={"height": SIZE, "width": SIZE},
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
         image_grid_pinpoints=pinpoints or PINPOINTS,
         image_mean=list(build.MEAN),
         image_std=list(build.STD),
@@ -37,7 +39,7 @@ def tiny_processor(pinpoints: list[list[int]] | None = None) -> LlavaNextProcess
     return LlavaNextProcessor(
         image_processor=image_processor,
         tokenizer=build.toy_tokenizer(),
-        patch_size=PATCH,
+        patch_size=patch,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=build.CHAT_TEMPLATE,
@@ -45,19 +47,27 @@ def tiny_processor(pinpoints: list[list[int]] | None = None) -> LlavaNextProcess
     )
 
 
-def tiny_llava_next(seed: int = 0) -> LlavaNextVLM:
+def tiny_llava_next(
+    seed: int = 0,
+    size: int = SIZE,
+    patch: int = PATCH,
+    pinpoints: list[list[int]] | None = None,
+    context: int = 256,
+) -> LlavaNextVLM:
     """A seeded random ``LlavaNextForConditionalGeneration`` with its processor, in eval mode
     (the global random state is left as it was). CLIP tower and Llama LM: hidden 32, 2
-    layers, 2 heads; the projector reads the last vision layer."""
-    processor = tiny_processor()
+    layers, 2 heads; the projector reads the last vision layer. ``size``, ``patch``,
+    ``pinpoints`` and ``context`` give other geometries (LLaVA-1.6's: 336, 14, its
+    pinpoints)."""
+    processor = tiny_processor(pinpoints, size, patch)
     tok = processor.tokenizer
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
-        image_size=SIZE,
-        patch_size=PATCH,
+        image_size=size,
+        patch_size=patch,
         projection_dim=16,
     )
     text = LlamaConfig(
@@ -67,7 +77,7 @@ def tiny_llava_next(seed: int = 0) -> LlavaNextVLM:
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=context,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -76,7 +86,7 @@ def tiny_llava_next(seed: int = 0) -> LlavaNextVLM:
         vision_config=vision,
         text_config=text,
         image_token_index=build.image_token_id(tok),
-        image_grid_pinpoints=PINPOINTS,
+        image_grid_pinpoints=pinpoints or PINPOINTS,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
     )
