@@ -13,6 +13,7 @@ from mmscope.core.errors import InputError
 from mmscope.core.images import ImageLike
 from mmscope.core.inputs import ImageSpan, Inputs
 from mmscope.models.base import VLM
+from mmscope.models.hub import render_chat
 from mmscope.models.spans import image_runs, prompt_positions
 
 
@@ -56,12 +57,7 @@ class DecoderVLM(VLM):
         """The processor's chat template with ``n_images`` images, or ``fallback``."""
         if getattr(self.processor, "chat_template", None):
             content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
-            messages = [{"role": "user", "content": content}]
-            return str(
-                self.processor.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=False
-                )
-            )
+            return render_chat(self.processor, [{"role": "user", "content": content}], self.name)
         return fallback.format(images=self._placeholder() * n_images, prompt=prompt)
 
     def prepare(

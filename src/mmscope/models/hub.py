@@ -7,8 +7,28 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
-from mmscope.core.errors import OfflineError, UnknownModelError
+from mmscope.core.errors import ChatTemplateError, OfflineError, UnknownModelError
+
+
+def render_chat(processor: Any, messages: list[dict[str, Any]], name: str) -> str:
+    """``processor.apply_chat_template`` (transformers' jinja2 sandbox) with its errors as one
+    ``ChatTemplateError`` line: a template the sandbox forbids, or one that does not render."""
+    import jinja2
+
+    try:
+        return str(
+            processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        )
+    except jinja2.exceptions.SecurityError as err:
+        raise ChatTemplateError(
+            f"the chat template of {name} does something the sandbox forbids: {first_line(err)}"
+        ) from None
+    except jinja2.TemplateError as err:
+        raise ChatTemplateError(
+            f"the chat template of {name} does not render: {first_line(err)}"
+        ) from None
 
 
 def first_line(err: BaseException) -> str:

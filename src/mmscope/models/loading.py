@@ -24,14 +24,13 @@ import transformers
 from safetensors import SafetensorError
 
 from mmscope.core.errors import (
-    ChatTemplateError,
     UnknownModelError,
     UnsupportedArchitectureError,
     WeightsError,
 )
 from mmscope.core.registry import REGISTRY
 from mmscope.models.base import VLM
-from mmscope.models.hub import first_line, hub_config
+from mmscope.models.hub import first_line, hub_config, render_chat
 
 TOYS: dict[str, str] = {
     "toy-llava": "LLaVA-1.5-style model trained on the synthetic world",
@@ -153,21 +152,8 @@ def _check_template(processor: Any, name: str) -> None:
         processor, "apply_chat_template"
     ):
         return
-    import jinja2
-
     content = [{"type": "image"}, {"type": "text", "text": "what is this ?"}]
-    try:
-        processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-        )
-    except jinja2.exceptions.SecurityError as err:
-        raise ChatTemplateError(
-            f"the chat template of {name} does something the sandbox forbids: {first_line(err)}"
-        ) from None
-    except jinja2.TemplateError as err:
-        raise ChatTemplateError(
-            f"the chat template of {name} does not render: {first_line(err)}"
-        ) from None
+    render_chat(processor, [{"role": "user", "content": content}], name)
 
 
 def load(
