@@ -48,6 +48,18 @@ class DecoderVLM(VLM):
     def _process(self, images: Sequence[Image.Image], texts: list[str]) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _images_per_prompt(
+        self, images: Sequence[Image.Image], texts: list[str]
+    ) -> list[list[Image.Image]]:
+        """``images`` (in prompt order) as one list per text, as many as its placeholders:
+        for processors that want each prompt's images in a list of their own."""
+        nested, k = [], 0
+        for text in texts:
+            n = text.count(self._placeholder())
+            nested.append(list(images[k : k + n]))
+            k += n
+        return nested
+
     def _image_runs(self, ids: torch.Tensor) -> list[tuple[int, int]]:
         """Each image's ``[start, end)`` in one item's ids: here one run of image tokens each
         (PaliGemma splits the one run its consecutive images make)."""
@@ -60,16 +72,24 @@ class DecoderVLM(VLM):
             return render_chat(self.processor, [{"role": "user", "content": content}], self.name)
         return fallback.format(images=self._placeholder() * n_images, prompt=prompt)
 
+    def _processed(
+        self, items: list[list[Image.Image]], prompts: list[str]
+    ) -> tuple[list[str], dict[str, Any]]:
+        """Each item's text (its prompt in the template) and the processor's tensors of them
+        all; a processor's refusal is an ``InputError``."""
+        texts = [self._template(len(imgs), p) for imgs, p in zip(items, prompts)]
+        try:
+            tensors = self._process([im for imgs in items for im in imgs], texts)
+        except (ValueError, TypeError) as err:
+            raise InputError(f"the processor refused these inputs: {err}") from None
+        return texts, tensors
+
     def prepare(
         self, images: ImageLike | Sequence[ImageLike] | None, prompt: str | Sequence[str]
     ) -> Inputs:
         items, prompts = self._batch(images, prompt)
-        texts = [self._template(len(imgs), p) for imgs, p in zip(items, prompts)]
+        texts, tensors = self._processed(items, prompts)
         flat = [im for imgs in items for im in imgs]
-        try:
-            tensors = self._process(flat, texts)
-        except (ValueError, TypeError) as err:
-            raise InputError(f"the processor refused these inputs: {err}") from None
         grids = self._grids(tensors, len(flat)) if flat else []
         spans, prompt_spans, prompt_tokens = [], [], []
         k = 0

@@ -231,11 +231,7 @@ class Gemma4VLM(Gemma3VLM):
 
     def _process(self, images: Sequence[Image.Image], texts: list[str]) -> dict[str, Any]:
         plain = [t.replace(self._one_image(), self._placeholder()) for t in texts]
-        nested, k = [], 0
-        for text in plain:  # the processor wants each prompt's images in a list of their own
-            n = text.count(self._placeholder())
-            nested.append(list(images[k : k + n]))
-            k += n
+        nested = self._images_per_prompt(images, plain)
         out = self.processor(
             images=nested if images else None, text=plain, return_tensors="pt", padding=True
         )

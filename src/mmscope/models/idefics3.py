@@ -186,11 +186,7 @@ class Idefics3VLM(DecoderVLM):
         return text
 
     def _process(self, images: Sequence[Image.Image], texts: list[str]) -> dict[str, Any]:
-        nested, k = [], 0
-        for text in texts:  # each prompt's images in a list of their own
-            n = text.count(self._placeholder())
-            nested.append(list(images[k : k + n]))
-            k += n
+        nested = self._images_per_prompt(images, texts)
         out = self.processor(
             images=nested if images else None, text=texts, return_tensors="pt", padding=True
         )
@@ -201,11 +197,7 @@ class Idefics3VLM(DecoderVLM):
     ) -> Inputs:
         items, prompts = self._batch(images, prompt)
         tiles = [[self._check(im) for im in imgs] for imgs in items]
-        texts = [self._template(len(imgs), p) for imgs, p in zip(items, prompts)]
-        try:
-            tensors = self._process([im for imgs in items for im in imgs], texts)
-        except (ValueError, TypeError) as err:
-            raise InputError(f"the processor refused these inputs: {err}") from None
+        texts, tensors = self._processed(items, prompts)
         spans, prompt_spans, prompt_tokens, frames = [], [], [], []
         for b, imgs in enumerate(items):
             ids = tensors["input_ids"][b]

@@ -117,12 +117,8 @@ class LlavaNextVLM(LlavaVLM):
         self, images: ImageLike | Sequence[ImageLike] | None, prompt: str | Sequence[str]
     ) -> Inputs:
         items, prompts = self._batch(images, prompt)
-        texts = [self._template(len(imgs), p) for imgs, p in zip(items, prompts)]
+        texts, tensors = self._processed(items, prompts)
         flat = [im for imgs in items for im in imgs]
-        try:
-            tensors = self._process(flat, texts)
-        except (ValueError, TypeError) as err:
-            raise InputError(f"the processor refused these inputs: {err}") from None
         layouts = self.layouts(tensors) if flat else []
         if flat:
             self._check_tiles(tensors, layouts)

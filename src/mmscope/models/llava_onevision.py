@@ -127,11 +127,7 @@ class LlavaOnevisionVLM(LlavaNextVLM):
     def _process(self, images: Sequence[Image.Image], texts: list[str]) -> dict[str, Any]:
         """Each prompt's images in a list of their own: the processor tiles an image only when
         it is alone in its prompt, and says so in ``batch_num_images``."""
-        nested, k = [], 0
-        for text in texts:
-            n = text.count(self._placeholder())
-            nested.append(list(images[k : k + n]))
-            k += n
+        nested = self._images_per_prompt(images, texts)
         out = self.processor(
             images=nested if images else None, text=texts, return_tensors="pt", padding=True
         )

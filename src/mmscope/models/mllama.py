@@ -235,11 +235,7 @@ class MllamaVLM(DecoderVLM):
         return str(getattr(self.processor, "image_token", "<|image|>"))
 
     def _process(self, images: Sequence[Image.Image], texts: list[str]) -> dict[str, Any]:
-        nested, k = [], 0
-        for text in texts:  # the processor wants each prompt's images in a list of their own
-            n = text.count(self._placeholder())
-            nested.append(list(images[k : k + n]))
-            k += n
+        nested = self._images_per_prompt(images, texts)
         if images and not all(nested):
             raise InputError("Mllama needs an image for every prompt of a batch, or none")
         out = self.processor(

@@ -7,12 +7,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    assert_rebuilt_alike,
+    assert_roles_resolve,
+    assert_same_run,
+    assert_sites_refused,
+    assert_teacher_forcing,
+    saved_and_loaded,
+)
 from PIL import Image
 from torch import nn
 from transformers.models.gemma3 import modeling_gemma3 as hf
 from transformers.models.siglip import modeling_siglip as siglip
 
-from mmscope.core.errors import SiteError
 from mmscope.core.hooks import capture
 from mmscope.core.registry import REGISTRY
 from mmscope.core.targets import TokenId
@@ -64,20 +71,12 @@ def test_registered_roles_and_layer_types(vlm):
         "Gemma3ForConditionalGeneration",
     )
     assert set(EXPECTED) == set(Gemma3VLM.ROLES)
-    for role, cls in EXPECTED.items():
-        site = role.replace(".layer", ".layer[0]") if ".layer" in role else role
-        assert isinstance(vlm.resolve(site), cls), (role, type(vlm.resolve(site)))
+    assert_roles_resolve(vlm, EXPECTED)
     assert vlm.resolve("projector") is vlm.model.model.multi_modal_projector
     kinds = [vlm.resolve(f"lm.layer[{i}].attn").sliding_window for i in range(2)]
     assert kinds == [SLIDING_WINDOW, None]  # one sliding-window layer, one global
-    for bad in ("lm.layer[2]", "vision.layer[-3]", "projector[0]"):
-        with pytest.raises(SiteError):
-            vlm.resolve(bad)
-    state = torch.random.get_rng_state()
-    other = tiny_gemma3(seed=0)
-    assert torch.equal(torch.random.get_rng_state(), state)
-    for a, b in zip(vlm.model.parameters(), other.model.parameters(), strict=True):
-        assert torch.equal(a, b)
+    assert_sites_refused(vlm, ("lm.layer[2]", "vision.layer[-3]", "projector[0]"))
+    assert_rebuilt_alike(vlm, lambda: tiny_gemma3(seed=0))
 
 
 def test_soft_tokens_sit_between_boi_and_eoi(vlm, inputs):
@@ -211,18 +210,7 @@ def test_one_images_tokens_attend_to_each_other_the_text_causally(vlm, images):
 
 def test_teacher_forcing_scores_what_generation_produces(vlm, images):
     inputs = vlm.prepare(images[0], PROMPTS[0])
-    with torch.no_grad():
-        out = vlm.model.generate(
-            **inputs.tensors,
-            max_new_tokens=3,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-            eos_token_id=None,
-        )
-        new = out.sequences[:, inputs.input_ids.shape[1] :]
-        forced = vlm.forward(inputs.extend(new)).logits[0, 29:32]
-    assert torch.allclose(forced, torch.cat(out.scores), atol=1e-4)
+    assert_teacher_forcing(vlm, inputs, 29)
 
 
 def test_logit_lens_reads_the_models_own_logits(vlm, inputs):
@@ -237,17 +225,9 @@ def test_logit_lens_reads_the_models_own_logits(vlm, inputs):
 
 
 def test_saved_folder_loads_through_mmscope_load(tmp_path, vlm, images):
-    import mmscope
-
-    vlm.model.save_pretrained(tmp_path)
-    vlm.processor.save_pretrained(tmp_path)
-    loaded = mmscope.load(str(tmp_path))
+    loaded = saved_and_loaded(vlm, tmp_path)
     assert type(loaded) is Gemma3VLM
     assert type(loaded.processor).__name__ == "Gemma3Processor"
     assert type(loaded.processor.image_processor).__name__ == "Gemma3ImageProcessorPil"
-    a_in, b_in = loaded.prepare(images[1], PROMPTS[0]), vlm.prepare(images[1], PROMPTS[0])
-    assert torch.equal(a_in.input_ids, b_in.input_ids) and a_in.image_spans == b_in.image_spans
-    with torch.no_grad():
-        a, b = loaded.forward(a_in).logits, vlm.forward(b_in).logits
-    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+    a_in = assert_same_run(loaded, vlm, images[1], PROMPTS[0])
     assert len(loaded.generate(a_in, max_new_tokens=2)) == 1

@@ -7,6 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    assert_rebuilt_alike,
+    assert_roles_resolve,
+    assert_same_run,
+    assert_sites_refused,
+    assert_teacher_forcing,
+    saved_and_loaded,
+)
 from PIL import Image
 from torch import nn
 from transformers import Gemma4ForConditionalGeneration
@@ -65,22 +73,16 @@ def test_registered_roles_and_layer_types(vlm):
     assert entry.obj is Gemma4VLM
     assert entry.extra["hf_classes"] == ("Gemma4ForConditionalGeneration",)
     assert set(EXPECTED) == set(Gemma4VLM.ROLES) and vlm.moe
-    for role, cls in EXPECTED.items():
-        site = role.replace(".layer", ".layer[0]") if ".layer" in role else role
-        assert isinstance(vlm.resolve(site), cls), (role, type(vlm.resolve(site)))
+    assert_roles_resolve(vlm, EXPECTED)
     assert vlm.resolve("projector") is vlm.model.model.embed_vision
     kinds = [vlm.resolve(f"lm.layer[{i}].attn").sliding_window for i in range(2)]
     assert kinds == [SLIDING_WINDOW, None]  # one sliding-window layer, one global
     assert [vlm.resolve(f"lm.layer[{i}].attn").head_dim for i in range(2)] == [16, 16]
     assert vlm.num_heads("lm.layer") == 2 and vlm.num_heads("vision.layer") == 2
-    for bad in ("lm.layer[2]", "vision.layer[-3]", "projector[0]", "lm.layer.mlp.router"):
-        with pytest.raises(SiteError):
-            vlm.resolve(bad)
-    state = torch.random.get_rng_state()
-    other = tiny_gemma4(seed=0)
-    assert torch.equal(torch.random.get_rng_state(), state)
-    for a, b in zip(vlm.model.parameters(), other.model.parameters(), strict=True):
-        assert torch.equal(a, b)
+    assert_sites_refused(
+        vlm, ("lm.layer[2]", "vision.layer[-3]", "projector[0]", "lm.layer.mlp.router")
+    )
+    assert_rebuilt_alike(vlm, lambda: tiny_gemma4(seed=0))
 
 
 def test_a_dense_checkpoint_without_ple_has_no_router_experts_or_ple(vlm):
@@ -247,19 +249,7 @@ def test_router_and_experts_run_beside_the_dense_mlp(vlm, images):
 
 def test_teacher_forcing_scores_what_generation_produces(vlm, images):
     inputs = vlm.prepare(images[1], PROMPTS[0])
-    with torch.no_grad():
-        out = vlm.model.generate(
-            **inputs.tensors,
-            max_new_tokens=3,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-            eos_token_id=None,
-        )
-        new = out.sequences[:, inputs.input_ids.shape[1] :]
-        n = inputs.input_ids.shape[1]
-        forced = vlm.forward(inputs.extend(new)).logits[0, n - 1 : n + 2]
-    assert torch.allclose(forced, torch.cat(out.scores), atol=1e-4)
+    assert_teacher_forcing(vlm, inputs)
 
 
 def test_logit_lens_reads_the_models_own_soft_capped_logits(vlm, inputs):
@@ -284,19 +274,11 @@ def test_audio_is_refused(vlm, images):
 
 
 def test_saved_folder_loads_through_mmscope_load(tmp_path, vlm, images):
-    import mmscope
-
-    vlm.model.save_pretrained(tmp_path)
-    vlm.processor.save_pretrained(tmp_path)
-    loaded = mmscope.load(str(tmp_path))
+    loaded = saved_and_loaded(vlm, tmp_path)
     assert type(loaded) is Gemma4VLM
     assert isinstance(loaded.processor, ImageOnlyGemma4Processor)
     assert loaded.processor.to_dict()["processor_class"] == "Gemma4Processor"
     assert type(loaded.processor.image_processor).__name__ == "Gemma4ImageProcessorPil"
-    a_in, b_in = loaded.prepare(images[1], PROMPTS[0]), vlm.prepare(images[1], PROMPTS[0])
-    assert torch.equal(a_in.input_ids, b_in.input_ids) and a_in.image_spans == b_in.image_spans
-    with torch.no_grad():
-        a, b = loaded.forward(a_in).logits, vlm.forward(b_in).logits
-    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+    a_in = assert_same_run(loaded, vlm, images[1], PROMPTS[0])
     assert loaded.final_logit_softcap == SOFTCAP and loaded.moe
     assert len(loaded.generate(a_in, max_new_tokens=2)) == 1

@@ -8,12 +8,20 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    assert_rebuilt_alike,
+    assert_roles_resolve,
+    assert_same_run,
+    assert_sites_refused,
+    assert_teacher_forcing,
+    saved_and_loaded,
+)
 from PIL import Image
 from torch import nn
 from transformers.models.idefics3 import modeling_idefics3 as hf
 from transformers.models.llama import modeling_llama as llama
 
-from mmscope.core.errors import ImageError, InputError, SiteError
+from mmscope.core.errors import ImageError, InputError
 from mmscope.core.explanation import Explanation
 from mmscope.core.hooks import capture
 from mmscope.core.registry import REGISTRY
@@ -67,21 +75,15 @@ def test_registered_roles_and_seeding(vlm):
     assert entry.obj is Idefics3VLM
     assert entry.extra["hf_classes"] == ("Idefics3ForConditionalGeneration",)
     assert set(EXPECTED) == set(Idefics3VLM.ROLES)
-    for role, cls in EXPECTED.items():
-        site = role.replace(".layer", ".layer[0]") if ".layer" in role else role
-        assert isinstance(vlm.resolve(site), cls), (role, type(vlm.resolve(site)))
+    assert_roles_resolve(vlm, EXPECTED)
     assert vlm.resolve("projector") is vlm.model.model.connector
-    for bad in ("lm.layer[2]", "vision.layer[-3]", "projector[0]", "vision.layer.attn"):
-        with pytest.raises(SiteError):
-            vlm.resolve(bad)
+    assert_sites_refused(
+        vlm, ("lm.layer[2]", "vision.layer[-3]", "projector[0]", "vision.layer.attn")
+    )
     caps = vlm.capabilities
     assert caps.generates and caps.images_in == "sequence" and not caps.class_token
     assert caps.attention == ("lm.layer", "vision.layer")
-    state = torch.random.get_rng_state()
-    other = tiny_idefics3(seed=0)
-    assert torch.equal(torch.random.get_rng_state(), state)
-    for a, b in zip(vlm.model.parameters(), other.model.parameters(), strict=True):
-        assert torch.equal(a, b)
+    assert_rebuilt_alike(vlm, lambda: tiny_idefics3(seed=0))
 
 
 def test_a_wide_image_is_two_sub_images_and_a_global_view(vlm, wide):
@@ -287,32 +289,13 @@ def test_typed_refusals(vlm):
 
 def test_teacher_forcing_scores_what_generation_produces(vlm, wide):
     inputs = vlm.prepare(wide, PROMPTS[0])
-    with torch.no_grad():
-        out = vlm.model.generate(
-            **inputs.tensors,
-            max_new_tokens=3,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-            eos_token_id=None,
-        )
-        new = out.sequences[:, inputs.input_ids.shape[1] :]
-        forced = vlm.forward(inputs.extend(new)).logits[0, 31:34]
-    assert torch.allclose(forced, torch.cat(out.scores), atol=1e-4)
+    assert_teacher_forcing(vlm, inputs, 31)
 
 
 def test_saved_folder_loads_through_mmscope_load(tmp_path, vlm, wide):
-    import mmscope
-
-    vlm.model.save_pretrained(tmp_path)
-    vlm.processor.save_pretrained(tmp_path)
-    loaded = mmscope.load(str(tmp_path))
+    loaded = saved_and_loaded(vlm, tmp_path)
     assert type(loaded) is Idefics3VLM
     assert type(loaded.processor).__name__ == "Idefics3Processor"
     assert type(loaded.processor.image_processor).__name__ == "Idefics3ImageProcessorPil"
-    a_in, b_in = loaded.prepare(wide, PROMPTS[0]), vlm.prepare(wide, PROMPTS[0])
-    assert torch.equal(a_in.input_ids, b_in.input_ids) and a_in.image_spans == b_in.image_spans
-    with torch.no_grad():
-        a, b = loaded.forward(a_in).logits, vlm.forward(b_in).logits
-    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+    a_in = assert_same_run(loaded, vlm, wide, PROMPTS[0])
     assert len(loaded.generate(a_in, max_new_tokens=2)) == 1

@@ -6,12 +6,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    assert_rebuilt_alike,
+    assert_roles_resolve,
+    assert_same_run,
+    assert_sites_refused,
+    saved_and_loaded,
+)
 from PIL import Image, ImageDraw
 from torch import nn
 from transformers.models.internvl import modeling_internvl as hf
 from transformers.models.qwen2 import modeling_qwen2 as qwen2
 
-from mmscope.core.errors import ImageError, InputError, SiteError
+from mmscope.core.errors import ImageError, InputError
 from mmscope.core.explanation import Explanation
 from mmscope.core.hooks import capture
 from mmscope.core.registry import REGISTRY
@@ -94,21 +101,13 @@ def test_registered_roles_and_bad_sites(vlm):
     assert entry.obj is InternVLVLM
     assert entry.extra["hf_classes"] == ("InternVLForConditionalGeneration",)
     assert set(EXPECTED) == set(InternVLVLM.ROLES)
-    for role, cls in EXPECTED.items():
-        site = role.replace(".layer", ".layer[0]") if ".layer" in role else role
-        assert isinstance(vlm.resolve(site), cls), (role, type(vlm.resolve(site)))
+    assert_roles_resolve(vlm, EXPECTED)
     attn = vlm.resolve("vision.layer[0].attn")
     assert vlm.resolve("vision.layer[0].attn.heads") is attn.projection_layer
     assert {"lm.layer.attn.probs", "vision.layer.attn.probs"} <= set(vlm.roles)
     assert vlm.CAM_SITE == "vision.layer[0]"  # the block before the one the projector reads
-    for bad in ("lm.layer[2]", "vision.layer[-3]", "projector[0]", "lm.layer"):
-        with pytest.raises(SiteError):
-            vlm.resolve(bad)
-    state = torch.random.get_rng_state()
-    other = tiny_internvl(seed=0)
-    assert torch.equal(torch.random.get_rng_state(), state)
-    for a, b in zip(vlm.model.parameters(), other.model.parameters(), strict=True):
-        assert torch.equal(a, b)
+    assert_sites_refused(vlm, ("lm.layer[2]", "vision.layer[-3]", "projector[0]", "lm.layer"))
+    assert_rebuilt_alike(vlm, lambda: tiny_internvl(seed=0))
 
 
 def test_tiles_views_and_positions_for_two_sizes(vlm, inputs):
@@ -253,18 +252,10 @@ def test_typed_refusals(vlm, images):
 
 
 def test_saved_folder_loads_through_mmscope_load(tmp_path, vlm, images):
-    import mmscope
-
-    vlm.model.save_pretrained(tmp_path)
-    vlm.processor.save_pretrained(tmp_path)
-    loaded = mmscope.load(str(tmp_path))
+    loaded = saved_and_loaded(vlm, tmp_path)
     assert type(loaded) is InternVLVLM and loaded.processor.image_seq_length == 4
     assert type(loaded.processor.image_processor).__name__ == "GotOcr2ImageProcessorPil"
     saved = (tmp_path / "processor_config.json").read_text()
     assert '"processor_class": "InternVLProcessor"' in saved  # the stock class, for users
-    a_in, b_in = loaded.prepare(images, PROMPTS), vlm.prepare(images, PROMPTS)
-    assert torch.equal(a_in.input_ids, b_in.input_ids) and a_in.image_spans == b_in.image_spans
-    with torch.no_grad():
-        a, b = loaded.forward(a_in).logits, vlm.forward(b_in).logits
-    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+    a_in = assert_same_run(loaded, vlm, images, PROMPTS)
     assert len(loaded.generate(a_in, max_new_tokens=2)) == 2

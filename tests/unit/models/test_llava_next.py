@@ -7,16 +7,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import (
+    assert_roles_resolve,
+    assert_sites_refused,
+    embedding_x_gradient,
+    lm_input,
+    noise,
+    saved_and_loaded,
+)
 from torch import nn
 from transformers.models.clip import modeling_clip as clip
 from transformers.models.llama import modeling_llama as llama
 from transformers.models.llava_next import modeling_llava_next as hf
 
 import mmscope
-from mmscope.core.errors import InputError, SiteError
+from mmscope.core.errors import InputError
 from mmscope.core.explanation import Explanation
-from mmscope.core.hooks import capture, patch
+from mmscope.core.hooks import capture
 from mmscope.core.registry import REGISTRY
 from mmscope.core.targets import TokenId
 from mmscope.methods.token.sets import object_cells, positions
@@ -43,46 +50,9 @@ EXPECTED = {
 }
 
 
-def noise(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
 @pytest.fixture(scope="module")
 def vlm() -> LlavaNextVLM:
     return tiny_llava_next(seed=0)
-
-
-def lm_input(vlm, inputs, patches=None) -> torch.Tensor:
-    """The embeddings the language model receives (image features scattered in)."""
-    seen = []
-    layer = vlm.model.model.language_model.layers[0]
-    handle = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    try:
-        with torch.no_grad(), patch(vlm, patches or {}):
-            vlm.forward(inputs)
-    finally:
-        handle.remove()
-    return seen[0]
-
-
-def embedding_x_gradient(vlm, inputs, target) -> torch.Tensor:
-    """``(batch, sequence)``: sum over features of the LM input times its gradient."""
-    seen = []
-    layer = vlm.model.model.language_model.layers[0]
-
-    def keep(module, args):
-        args[0].retain_grad()
-        seen.append(args[0])
-
-    handle = layer.register_forward_pre_hook(keep)
-    try:
-        with torch.enable_grad():
-            target.bind(vlm, inputs)(vlm.forward(inputs)).sum().backward()
-    finally:
-        handle.remove()
-        vlm.model.zero_grad(set_to_none=True)
-    return (seen[0] * seen[0].grad).sum(-1).detach()
 
 
 def test_registered_and_every_role_resolves(vlm):
@@ -93,13 +63,9 @@ def test_registered_and_every_role_resolves(vlm):
     )
     assert mmscope.models.supported_classes()["LlavaNextForConditionalGeneration"] is LlavaNextVLM
     assert set(EXPECTED) == set(LlavaNextVLM.ROLES)
-    for role, cls in EXPECTED.items():
-        site = role.replace(".layer", ".layer[0]") if ".layer" in role else role
-        assert isinstance(vlm.resolve(site), cls), role
+    assert_roles_resolve(vlm, EXPECTED)
     assert vlm.family == "llava_next" and vlm.CAM_SITE == "vision.layer[-1]"
-    for bad in ("lm.layer[2]", "vision.layer[-3]", "projector[0]", "image_newline"):
-        with pytest.raises(SiteError):
-            vlm.resolve(bad)
+    assert_sites_refused(vlm, ("lm.layer[2]", "vision.layer[-3]", "projector[0]", "image_newline"))
 
 
 def test_one_tile_and_two_tiles_by_hand(vlm):
@@ -300,9 +266,7 @@ def test_a_processor_cutting_more_tiles_than_the_model_packs_is_refused(vlm):
 
 
 def test_saved_folder_loads_through_mmscope_load(tmp_path, vlm):
-    vlm.model.save_pretrained(tmp_path)
-    vlm.processor.save_pretrained(tmp_path)
-    loaded = mmscope.load(str(tmp_path))
+    loaded = saved_and_loaded(vlm, tmp_path)
     assert type(loaded) is LlavaNextVLM
     assert type(loaded.processor.image_processor).__name__ == "LlavaNextImageProcessorPil"
     image = noise(64, 32)

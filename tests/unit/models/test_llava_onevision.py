@@ -7,15 +7,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import (
+    assert_roles_resolve,
+    assert_sites_refused,
+    embedding_x_gradient,
+    lm_input,
+    noise,
+    saved_and_loaded,
+)
 from torch import nn
 from transformers.models.llava_onevision import modeling_llava_onevision as hf
 from transformers.models.qwen2 import modeling_qwen2 as qwen2
 from transformers.models.siglip import modeling_siglip as siglip
 
 import mmscope
-from mmscope.core.errors import InputError, NotApplicableError, SiteError
-from mmscope.core.hooks import capture, patch
+from mmscope.core.errors import InputError, NotApplicableError
+from mmscope.core.hooks import capture
 from mmscope.core.registry import REGISTRY
 from mmscope.core.targets import TokenId
 from mmscope.methods.token.sets import object_cells, positions
@@ -44,11 +51,6 @@ EXPECTED = {
 }
 
 
-def noise(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
 @pytest.fixture(scope="module")
 def vlm() -> LlavaOnevisionVLM:
     return tiny_llava_onevision(seed=0)
@@ -59,37 +61,6 @@ def pooled() -> LlavaOnevisionVLM:
     return tiny_llava_onevision(seed=0, max_tiles=1)
 
 
-def lm_input(vlm, inputs, patches=None) -> torch.Tensor:
-    seen = []
-    layer = vlm.model.model.language_model.layers[0]
-    handle = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    try:
-        with torch.no_grad(), patch(vlm, patches or {}):
-            vlm.forward(inputs)
-    finally:
-        handle.remove()
-    return seen[0]
-
-
-def embedding_x_gradient(vlm, inputs, target) -> torch.Tensor:
-    """``(batch, sequence)``: sum over features of the LM input times its gradient."""
-    seen = []
-    layer = vlm.model.model.language_model.layers[0]
-
-    def keep(module, args):
-        args[0].retain_grad()
-        seen.append(args[0])
-
-    handle = layer.register_forward_pre_hook(keep)
-    try:
-        with torch.enable_grad():
-            target.bind(vlm, inputs)(vlm.forward(inputs)).sum().backward()
-    finally:
-        handle.remove()
-        vlm.model.zero_grad(set_to_none=True)
-    return (seen[0] * seen[0].grad).sum(-1).detach()
-
-
 def test_registered_and_every_role_resolves(vlm):
     entry = REGISTRY.get("llava_onevision", kind="adapter")
     assert entry.obj is LlavaOnevisionVLM and issubclass(LlavaOnevisionVLM, LlavaNextVLM)
@@ -97,14 +68,10 @@ def test_registered_and_every_role_resolves(vlm):
     classes = mmscope.models.supported_classes()
     assert classes["LlavaOnevisionForConditionalGeneration"] is LlavaOnevisionVLM
     assert set(EXPECTED) == set(LlavaOnevisionVLM.ROLES)
-    for role, cls in EXPECTED.items():
-        site = role.replace(".layer", ".layer[0]") if ".layer" in role else role
-        assert isinstance(vlm.resolve(site), cls), role
+    assert_roles_resolve(vlm, EXPECTED)
     assert not vlm.CLASS_TOKEN and vlm.CAM_SITE == "vision.layer[-1]" and vlm.max_tiles == 9
     assert not vlm.capabilities.video
-    for bad in ("vision.norm", "lm.layer[2]", "projector[0]"):
-        with pytest.raises(SiteError):
-            vlm.resolve(bad)
+    assert_sites_refused(vlm, ("vision.norm", "lm.layer[2]", "projector[0]"))
 
 
 def test_views_for_one_and_two_tiles(vlm):
@@ -238,9 +205,7 @@ def test_video_is_refused_with_a_reason(vlm):
 
 
 def test_saved_folder_loads_the_image_only_processor(tmp_path, vlm):
-    vlm.model.save_pretrained(tmp_path)
-    vlm.processor.save_pretrained(tmp_path)
-    loaded = mmscope.load(str(tmp_path))
+    loaded = saved_and_loaded(vlm, tmp_path)
     assert type(loaded) is LlavaOnevisionVLM
     assert isinstance(loaded.processor, ImageOnlyLlavaOnevisionProcessor)
     assert loaded.processor.to_dict()["processor_class"] == "LlavaOnevisionProcessor"

@@ -9,6 +9,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    assert_rebuilt_alike,
+    assert_roles_resolve,
+    assert_same_run,
+    assert_sites_refused,
+    assert_teacher_forcing,
+    saved_and_loaded,
+)
 from PIL import Image
 from torch import nn
 from transformers.models.mllama import modeling_mllama as hf
@@ -73,9 +81,7 @@ def test_registered_roles_and_layer_types(vlm):
     assert set(EXPECTED) | {"lm.layer.cross_attn", "lm.layer.cross_attn.heads"} == set(
         MllamaVLM.ROLES
     )
-    for role, cls in EXPECTED.items():
-        site = role.replace(".layer", ".layer[0]") if ".layer" in role else role
-        assert isinstance(vlm.resolve(site), cls), (role, type(vlm.resolve(site)))
+    assert_roles_resolve(vlm, EXPECTED)
     m = vlm.model.model
     assert vlm.resolve("vision.global.layer[-1]") is m.vision_model.global_transformer.layers[0]
     assert vlm.resolve("lm.layer[1]") is m.language_model.layers[1]
@@ -96,20 +102,21 @@ def test_each_layer_has_only_its_own_kind_of_attention(vlm):
         vlm.resolve("lm.layer[-2].attn.probs")
     with pytest.raises(SiteError, match=r"self-attention layer.*lm.layer\[0\].attn"):
         vlm.resolve("lm.layer[0].cross_attn")
-    for bad in ("lm.layer[2].cross_attn.heads", "lm.layer[3]", "vision.global.layer[1]",
-                "vision.layer[-3]", "projector[0]", "lm.layer.cross_attn"):  # fmt: skip
-        with pytest.raises(SiteError):
-            vlm.resolve(bad)
+    assert_sites_refused(
+        vlm,
+        (
+            "lm.layer[2].cross_attn.heads",
+            "lm.layer[3]",
+            "vision.global.layer[1]",
+            "vision.layer[-3]",
+            "projector[0]",
+            "lm.layer.cross_attn",
+        ),
+    )
 
 
 def test_tiny_model_is_deterministic_leaves_the_global_rng_and_opens_its_gates(vlm):
-    state = torch.random.get_rng_state()
-    other = tiny_mllama(seed=0)
-    assert torch.equal(torch.random.get_rng_state(), state)
-    for (name, a), (_, b) in zip(
-        vlm.model.named_parameters(), other.model.named_parameters(), strict=True
-    ):
-        assert torch.equal(a, b), name
+    assert_rebuilt_alike(vlm, lambda: tiny_mllama(seed=0))
     gate = vlm.resolve("lm.layer[1]").cross_attn_attn_gate
     assert 0.5 <= float(gate.detach()) <= 1.0  # transformers would start it at 0: no image at all
 
@@ -228,19 +235,7 @@ def test_token_space_gradients_cover_every_cell(vlm, images):
 
 def test_teacher_forcing_scores_what_generation_produces(vlm, images):
     one = vlm.prepare(images[0], PROMPTS[0])
-    length = one.input_ids.shape[1]
-    with torch.no_grad():
-        out = vlm.model.generate(
-            **one.tensors,
-            max_new_tokens=3,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-            eos_token_id=None,
-        )
-        new = out.sequences[:, length:]
-        forced = vlm.forward(one.extend(new)).logits[0, length - 1 : length + 2]
-    assert torch.allclose(forced, torch.cat(out.scores), atol=1e-4)
+    assert_teacher_forcing(vlm, one)
     assert len(vlm.generate(one, max_new_tokens=2)) == 1
 
 
@@ -275,17 +270,9 @@ def test_analyses_that_need_image_tokens_in_the_sequence_say_why(vlm, inputs):
 
 
 def test_saved_folder_loads_through_mmscope_load(tmp_path, vlm, images):
-    import mmscope
-
-    vlm.model.save_pretrained(tmp_path)
-    vlm.processor.save_pretrained(tmp_path)
-    loaded = mmscope.load(str(tmp_path))
+    loaded = saved_and_loaded(vlm, tmp_path)
     assert type(loaded) is MllamaVLM
     assert type(loaded.processor).__name__ == "MllamaProcessor"
     assert type(loaded.processor.image_processor).__name__ == "MllamaImageProcessorPil"
-    a_in, b_in = loaded.prepare(images[0], PROMPTS[0]), vlm.prepare(images[0], PROMPTS[0])
-    assert torch.equal(a_in.input_ids, b_in.input_ids) and a_in.image_spans == b_in.image_spans
-    with torch.no_grad():
-        a, b = loaded.forward(a_in).logits, vlm.forward(b_in).logits
-    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+    a_in = assert_same_run(loaded, vlm, images[0], PROMPTS[0])
     assert len(loaded.generate(a_in, max_new_tokens=2)) == 1

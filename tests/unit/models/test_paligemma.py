@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
+from helpers import (
+    assert_rebuilt_alike,
+    assert_roles_resolve,
+    assert_same_run,
+    assert_sites_refused,
+    assert_teacher_forcing,
+    saved_and_loaded,
+)
 from PIL import Image
 from torch import nn
 from transformers.models.gemma import modeling_gemma as gemma
 from transformers.models.paligemma import modeling_paligemma as hf
 from transformers.models.siglip import modeling_siglip as siglip
 
-from mmscope.core.errors import SiteError
 from mmscope.core.hooks import capture
 from mmscope.core.registry import REGISTRY
 from mmscope.core.targets import TokenId
@@ -65,9 +71,7 @@ def test_registered_under_hf_class():
 
 def test_every_role_resolves_to_its_module_type(vlm):
     assert set(EXPECTED) == set(PaliGemmaVLM.ROLES)
-    for role, cls in EXPECTED.items():
-        site = role.replace(".layer", ".layer[0]") if ".layer" in role else role
-        assert isinstance(vlm.resolve(site), cls), (role, type(vlm.resolve(site)))
+    assert_roles_resolve(vlm, EXPECTED)
     m = vlm.model.model
     layers = m.vision_tower.encoder.layers
     assert vlm.resolve("vision.layer[1].mlp.act") is layers[1].mlp.activation_fn
@@ -84,19 +88,13 @@ def test_every_role_resolves_to_its_module_type(vlm):
 def test_negative_indices_and_bad_sites(vlm):
     assert vlm.num_layers("lm.layer") == 2 and vlm.num_layers("vision.layer") == 2
     assert vlm.resolve("vision.layer[-2]") is vlm.resolve("vision.layer[0]")
-    for bad in ("lm.layer[2]", "vision.layer[-3]", "lm.layer", "projector[0]", "text.layer[0]"):
-        with pytest.raises(SiteError):
-            vlm.resolve(bad)
+    assert_sites_refused(
+        vlm, ("lm.layer[2]", "vision.layer[-3]", "lm.layer", "projector[0]", "text.layer[0]")
+    )
 
 
 def test_tiny_model_is_deterministic_and_leaves_global_rng(vlm):
-    state = torch.random.get_rng_state()
-    other = tiny_paligemma(seed=0)
-    assert torch.equal(torch.random.get_rng_state(), state)
-    for (name, a), (_, b) in zip(
-        vlm.model.named_parameters(), other.model.named_parameters(), strict=True
-    ):
-        assert torch.equal(a, b), name
+    assert_rebuilt_alike(vlm, lambda: tiny_paligemma(seed=0))
 
 
 def test_image_tokens_come_first_then_bos_and_the_prompt(vlm, inputs):
@@ -209,18 +207,7 @@ def test_attention_prefix_is_bidirectional_and_the_suffix_causal(vlm, inputs):
 
 def test_teacher_forcing_scores_what_generation_produces(vlm, images):
     inputs = vlm.prepare(images[0], "what color is the circle ?")
-    with torch.no_grad():
-        out = vlm.model.generate(
-            **inputs.tensors,
-            max_new_tokens=3,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-            eos_token_id=None,
-        )
-        new = out.sequences[:, inputs.input_ids.shape[1] :]
-        forced = vlm.forward(inputs.extend(new)).logits[0, 22:25]
-    assert torch.allclose(forced, torch.cat(out.scores), atol=1e-4)
+    assert_teacher_forcing(vlm, inputs, 22)
 
 
 def test_logit_lens_applies_paligemma_2_soft_cap(images):
@@ -251,16 +238,8 @@ def test_generate_returns_one_string_per_item(vlm, inputs):
 
 
 def test_saved_folder_loads_through_mmscope_load(tmp_path, vlm, images):
-    import mmscope
-
-    vlm.model.save_pretrained(tmp_path)
-    vlm.processor.save_pretrained(tmp_path)
-    loaded = mmscope.load(str(tmp_path))
+    loaded = saved_and_loaded(vlm, tmp_path)
     assert type(loaded) is PaliGemmaVLM
     assert type(loaded.processor).__name__ == "PaliGemmaProcessor"
     assert type(loaded.processor.image_processor).__name__ == "SiglipImageProcessorPil"
-    a_in, b_in = loaded.prepare(images[1], PROMPTS[0]), vlm.prepare(images[1], PROMPTS[0])
-    assert torch.equal(a_in.input_ids, b_in.input_ids) and a_in.image_spans == b_in.image_spans
-    with torch.no_grad():
-        a, b = loaded.forward(a_in).logits, vlm.forward(b_in).logits
-    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+    assert_same_run(loaded, vlm, images[1], PROMPTS[0])

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import assert_roles_resolve, assert_sites_refused, noise, saved_and_loaded
 from PIL import Image
 from torch import nn
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
 
 import mmscope
-from mmscope.core.errors import InputError, SiteError
+from mmscope.core.errors import InputError
 from mmscope.core.hooks import capture, patch
 from mmscope.core.registry import REGISTRY
 from mmscope.core.targets import TokenId
@@ -24,11 +25,6 @@ PROMPTS = ["what colour is the circle ?", "how many objects are there"]
 WINDOWS_3x3 = [0, 1, 3, 4, 2, 5, 6, 7, 8]
 #: A 3x5 grid: windows cols 0-1, 2-3, 4 over rows 0-1 (0 1 5 6 | 2 3 7 8 | 4 9), then row 2.
 WINDOWS_3x5 = [0, 1, 5, 6, 2, 3, 7, 8, 4, 9, 10, 11, 12, 13, 14]
-
-
-def noise(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +71,15 @@ def test_registered_under_hf_class():
 
 def test_every_role_resolves_to_its_module_type(vlm):
     assert set(EXPECTED) == set(Qwen2_5_VLVLM.ROLES)
-    for role, cls in EXPECTED.items():
-        site = role.replace(".layer", ".layer[0]") if ".layer" in role else role
-        assert isinstance(vlm.resolve(site), cls), role
+    assert_roles_resolve(vlm, EXPECTED)
     assert vlm.resolve("vision.layer[0].mlp.act") is vlm.resolve("vision.layer[0].mlp").act_fn
     assert type(vlm.resolve("vision.layer[0].mlp.act")).__name__ == "SiLUActivation"
     assert vlm.resolve("projector") is vlm.model.model.visual.merger
     assert vlm.num_layers("vision.layer") == 2 and vlm.model.config.vision_config.window_size == 56
     assert "lm.layer.attn.probs" in vlm.roles and "vision.layer.attn.probs" not in vlm.roles
-    for bad in ("lm.layer[2]", "vision.layer[-3]", "projector[0]", "deepstack.layer[0]"):
-        with pytest.raises(SiteError):
-            vlm.resolve(bad)
+    assert_sites_refused(
+        vlm, ("lm.layer[2]", "vision.layer[-3]", "projector[0]", "deepstack.layer[0]")
+    )
 
 
 def test_image_spans_for_two_sizes(vlm, inputs):
@@ -228,9 +222,7 @@ def test_token_space_gradients_land_on_their_tokens(vlm, inputs):
 
 
 def test_saved_folder_loads_through_mmscope_load(tmp_path, vlm, images):
-    vlm.model.save_pretrained(tmp_path)
-    vlm.processor.save_pretrained(tmp_path)
-    loaded = mmscope.load(str(tmp_path))
+    loaded = saved_and_loaded(vlm, tmp_path)
     assert type(loaded) is Qwen2_5_VLVLM
     assert isinstance(loaded.processor, ImageOnlyQwen2_5_VLProcessor)
     assert loaded.processor.to_dict()["processor_class"] == "Qwen2_5_VLProcessor"

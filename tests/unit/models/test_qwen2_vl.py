@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import (
+    assert_rebuilt_alike,
+    assert_roles_resolve,
+    assert_sites_refused,
+    saved_and_loaded,
+)
 from PIL import Image
 from torch import nn
 from transformers.models.qwen2_vl import modeling_qwen2_vl as hf
 
-from mmscope.core.errors import SiteError
 from mmscope.core.registry import REGISTRY
 from mmscope.models.qwen2_vl import ImageOnlyQwen2VLProcessor, Qwen2VLVLM
 from mmscope.toys.tiny.qwen2_vl import tiny_qwen2_vl
@@ -59,10 +64,7 @@ def test_registered_under_hf_class():
 
 def test_every_role_resolves_to_its_module_type(vlm):
     assert set(EXPECTED) == set(Qwen2VLVLM.ROLES)
-    for role, cls in EXPECTED.items():
-        site = role.replace(".layer", ".layer[0]") if ".layer" in role else role
-        module = vlm.resolve(site)
-        assert isinstance(module, cls), (role, type(module))
+    assert_roles_resolve(vlm, EXPECTED)
     assert type(vlm.resolve("vision.layer[0].mlp.act")).__name__ == "QuickGELUActivation"
     assert type(vlm.resolve("lm.layer[0].mlp.act")).__name__ == "SiLUActivation"
     assert vlm.resolve("lm.layer[0].mlp.act") is vlm.resolve("lm.layer[0].mlp").act_fn
@@ -77,19 +79,13 @@ def test_negative_indices_and_bad_sites(vlm):
     assert vlm.resolve("vision.layer[-2].attn") is vlm.resolve("vision.layer[0].attn")
     layers = vlm.model.model.language_model.layers
     assert vlm.resolve("lm.layer[-1].mlp.act") is layers[1].mlp.act_fn
-    for bad in ("lm.layer[2]", "vision.layer[-3]", "lm.layer", "projector[0]", "text.layer[0]"):
-        with pytest.raises(SiteError):
-            vlm.resolve(bad)
+    assert_sites_refused(
+        vlm, ("lm.layer[2]", "vision.layer[-3]", "lm.layer", "projector[0]", "text.layer[0]")
+    )
 
 
 def test_tiny_model_is_deterministic_and_leaves_global_rng(vlm):
-    state = torch.random.get_rng_state()
-    other = tiny_qwen2_vl(seed=0)
-    assert torch.equal(torch.random.get_rng_state(), state)
-    for (name, a), (_, b) in zip(
-        vlm.model.named_parameters(), other.model.named_parameters(), strict=True
-    ):
-        assert torch.equal(a, b), name
+    other = assert_rebuilt_alike(vlm, lambda: tiny_qwen2_vl(seed=0))
     assert isinstance(other.processor, ImageOnlyQwen2VLProcessor)
     assert other.processor.to_dict()["processor_class"] == "Qwen2VLProcessor"
 
@@ -185,11 +181,7 @@ def test_generate_returns_one_string_per_item(vlm, inputs):
 
 
 def test_saved_folder_loads_through_mmscope_load(tmp_path, tiny_qwen2_vl):
-    import mmscope
-
-    tiny_qwen2_vl.model.save_pretrained(tmp_path)
-    tiny_qwen2_vl.processor.save_pretrained(tmp_path)
-    vlm = mmscope.load(str(tmp_path))
+    vlm = saved_and_loaded(tiny_qwen2_vl, tmp_path)
     assert type(vlm).__name__ == "Qwen2VLVLM"
     image = Image.new("RGB", (56, 84), (200, 30, 30))
     with torch.no_grad():

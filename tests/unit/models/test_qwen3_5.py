@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import assert_sites_refused, noise, saved_and_loaded
 from PIL import Image
 from torch import nn
 from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
@@ -32,11 +33,6 @@ PROMPTS = ["what colour is the circle ?", "how many objects are there"]
 #: Why lm.layer[1] (the tiny model's one gated delta net) is skipped.
 WHY = "linear attention (Qwen3_5GatedDeltaNet, a gated delta net): no attention probabilities"
 SKIPPED = {"lm.layer[1]": WHY}
-
-
-def noise(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -115,14 +111,14 @@ def test_layer_types_of_the_tiny_model(vlm):
 
 
 def test_linear_layers_have_no_attention_role(vlm):
-    for bad in ("lm.layer[1].attn", "lm.layer[1].attn.probs", "lm.layer[-2].attn.heads"):
-        with pytest.raises(SiteError, match=r"linear_attention layer \(Qwen3_5GatedDeltaNet"):
-            vlm.resolve(bad)
+    assert_sites_refused(
+        vlm,
+        ("lm.layer[1].attn", "lm.layer[1].attn.probs", "lm.layer[-2].attn.heads"),
+        match=r"linear_attention layer \(Qwen3_5GatedDeltaNet",
+    )
     with pytest.raises(SiteError, match=r"full_attention layer \(Qwen3_5Attention\)"):
         vlm.resolve("lm.layer[0].linear_attn")
-    for bad in ("deepstack.layer[0]", "lm.layer[3].attn", "lm.layer.linear_attn"):
-        with pytest.raises(SiteError):
-            vlm.resolve(bad)
+    assert_sites_refused(vlm, ("deepstack.layer[0]", "lm.layer[3].attn", "lm.layer.linear_attn"))
 
 
 def test_image_spans_as_in_qwen3_vl(vlm, inputs):
@@ -271,9 +267,7 @@ def test_opera_reads_the_last_layer_and_repeats_the_linear_states(vlm, one):
 
 
 def test_saved_folder_loads_through_mmscope_load(tmp_path, vlm, images):
-    vlm.model.save_pretrained(tmp_path)
-    vlm.processor.save_pretrained(tmp_path)
-    loaded = mmscope.load(str(tmp_path))
+    loaded = saved_and_loaded(vlm, tmp_path)
     assert type(loaded) is Qwen3_5VLM
     assert isinstance(loaded.processor, ImageOnlyQwen3VLProcessor)
     assert loaded.processor.to_dict()["processor_class"] == "Qwen3VLProcessor"

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import assert_roles_resolve, assert_sites_refused, noise, saved_and_loaded
 from PIL import Image
 from torch import nn
 from transformers.models.qwen3_vl import modeling_qwen3_vl as hf
 
 import mmscope
-from mmscope.core.errors import SiteError
 from mmscope.core.hooks import capture, patch
 from mmscope.core.registry import REGISTRY
 from mmscope.core.targets import TokenId
@@ -20,11 +20,6 @@ from mmscope.models.qwen3_vl import ImageOnlyQwen3VLProcessor, Qwen3VLVLM
 from mmscope.toys.tiny.qwen3_vl import tiny_qwen3_vl
 
 PROMPTS = ["what colour is the circle ?", "how many objects are there"]
-
-
-def noise(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +67,7 @@ def test_registered_under_hf_class():
 
 def test_every_role_resolves_to_its_module_type(vlm):
     assert set(EXPECTED) == set(Qwen3VLVLM.ROLES)
-    for role, cls in EXPECTED.items():
-        site = role.replace(".layer", ".layer[0]") if ".layer" in role else role
-        assert isinstance(vlm.resolve(site), cls), role
+    assert_roles_resolve(vlm, EXPECTED)
     visual = vlm.model.model.visual
     assert vlm.resolve("vision.layer[0].mlp.act") is visual.blocks[0].mlp.act_fn
     assert type(vlm.resolve("vision.layer[0].mlp.act")).__name__ == "GELUTanh"
@@ -90,9 +83,9 @@ def test_deepstack_levels_and_bad_sites(vlm):
     assert vlm.num_layers("deepstack.layer") == 2 and vlm.deepstack_layers == (0, 1)
     assert vlm.num_layers("vision.layer") == 3 and vlm.num_layers("lm.layer") == 2
     assert vlm.resolve("deepstack.layer[-1]") is vlm.model.model.visual.deepstack_merger_list[1]
-    for bad in ("deepstack.layer[2]", "deepstack.layer", "projector[0]", "lm.layer[2]"):
-        with pytest.raises(SiteError):
-            vlm.resolve(bad)
+    assert_sites_refused(
+        vlm, ("deepstack.layer[2]", "deepstack.layer", "projector[0]", "lm.layer[2]")
+    )
 
 
 def test_image_spans_for_two_sizes(vlm, inputs):
@@ -208,9 +201,7 @@ def test_token_space_gradients_cover_the_input_path_only(vlm, inputs):
 
 
 def test_saved_folder_loads_through_mmscope_load(tmp_path, vlm, images):
-    vlm.model.save_pretrained(tmp_path)
-    vlm.processor.save_pretrained(tmp_path)
-    loaded = mmscope.load(str(tmp_path))
+    loaded = saved_and_loaded(vlm, tmp_path)
     assert type(loaded) is Qwen3VLVLM
     assert isinstance(loaded.processor, ImageOnlyQwen3VLProcessor)
     assert loaded.processor.to_dict()["processor_class"] == "Qwen3VLProcessor"

@@ -7,13 +7,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (
+    assert_rebuilt_alike,
+    assert_roles_resolve,
+    assert_sites_refused,
+    saved_and_loaded,
+)
 from PIL import Image
 from torch import nn
 from transformers import SiglipImageProcessorPil, SiglipProcessor
 from transformers.models.siglip import modeling_siglip as hf
 
-import mmscope
-from mmscope.core.errors import InputError, NotApplicableError, SiteError
+from mmscope.core.errors import InputError, NotApplicableError
 from mmscope.core.hooks import capture
 from mmscope.core.registry import REGISTRY
 from mmscope.models.loading import supported_classes
@@ -64,9 +69,7 @@ def test_registered_under_hf_class():
 def test_every_role_resolves_to_its_module_type(tiny_siglip):
     vlm, m = tiny_siglip, tiny_siglip.model
     assert set(EXPECTED) == set(SiglipVLM.ROLES)
-    for role, cls in EXPECTED.items():
-        site = role.replace(".layer", ".layer[0]") if ".layer" in role else role
-        assert isinstance(vlm.resolve(site), cls), role
+    assert_roles_resolve(vlm, EXPECTED)
     assert (
         vlm.resolve("vision.layer[-1].mlp.act")
         is m.vision_model.encoder.layers[1].mlp.activation_fn
@@ -75,9 +78,9 @@ def test_every_role_resolves_to_its_module_type(tiny_siglip):
     assert vlm.resolve("text.proj") is m.text_model.head
     assert vlm.num_layers("vision.layer") == 2 and vlm.num_heads("text.layer") == 2
     assert {"vision.layer.attn.probs", "text.layer.attn.probs"} <= set(vlm.roles)
-    for bad in ("vision.proj", "vision.layer[2]", "text.layer", "vision.head[0]", "lm.layer[0]"):
-        with pytest.raises(SiteError):
-            vlm.resolve(bad)
+    assert_sites_refused(
+        vlm, ("vision.proj", "vision.layer[2]", "text.layer", "vision.head[0]", "lm.layer[0]")
+    )
 
 
 def test_texts_are_padded_to_the_tower_and_spans_hold_the_words(tiny_siglip, inputs):
@@ -202,9 +205,7 @@ def test_class_token_methods_refuse(tiny_siglip, inputs):
 
 
 def test_saved_folder_loads_through_mmscope_load(tmp_path, tiny_siglip, inputs):
-    tiny_siglip.model.save_pretrained(tmp_path)
-    tiny_siglip.processor.save_pretrained(tmp_path)
-    vlm = mmscope.load(str(tmp_path))
+    vlm = saved_and_loaded(tiny_siglip, tmp_path)
     assert type(vlm) is SiglipVLM and not vlm.model.training
     assert isinstance(vlm.processor, SiglipProcessor)
     assert isinstance(vlm.processor.image_processor, SiglipImageProcessorPil)
@@ -215,10 +216,4 @@ def test_saved_folder_loads_through_mmscope_load(tmp_path, tiny_siglip, inputs):
 
 
 def test_tiny_model_is_deterministic_and_leaves_global_rng(tiny_siglip):
-    state = torch.random.get_rng_state()
-    other = builder.tiny_siglip(seed=0)
-    assert torch.equal(torch.random.get_rng_state(), state)
-    for (name, a), (_, b) in zip(
-        tiny_siglip.model.named_parameters(), other.model.named_parameters(), strict=True
-    ):
-        assert torch.equal(a, b), name
+    assert_rebuilt_alike(tiny_siglip, lambda: builder.tiny_siglip(seed=0))

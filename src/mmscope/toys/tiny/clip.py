@@ -7,6 +7,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
 from mmscope.models.clip import ClipVLM
 from mmscope.toys import build
+from mmscope.toys.tiny.common import small_tower
 
 SIZE, PATCH = 32, 8
 
@@ -27,15 +28,7 @@ def tiny_clip(seed: int = 0) -> ClipVLM:
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=SIZE,
-        patch_size=PATCH,
-        projection_dim=16,
-    )
+    vision = small_tower(CLIPVisionConfig, SIZE, PATCH, projection_dim=16)
     config = CLIPConfig(
         text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16
     )

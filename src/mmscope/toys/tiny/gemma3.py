@@ -10,13 +10,12 @@ from transformers import (
     Gemma3ImageProcessorPil,
     Gemma3Processor,
     Gemma3TextConfig,
-    PreTrainedTokenizerFast,
     SiglipVisionConfig,
 )
 
 from mmscope.models.gemma3 import Gemma3VLM
 from mmscope.toys import build
-from mmscope.toys.tokenizer import build_tokenizer
+from mmscope.toys.tiny.common import named_tokenizer, seeded_model, small_tower, turn_template
 
 SIZE, PATCH, TOKENS_PER_SIDE = 32, 4, 4
 #: Sliding-window layers see this many positions back: fewer than a prompt's sequence.
@@ -36,13 +35,8 @@ SPECIALS: tuple[str, ...] = (
     *IMAGE_TOKENS.values(),
 )
 #: Gemma 3's chat template, cut down: BOS, turns, ``<start_of_image>`` for each image.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<start_of_turn>"
-    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<start_of_image>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+CHAT_TEMPLATE = turn_template(
+    "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "model", bos=True
 )
 
 
@@ -50,16 +44,14 @@ def tiny_processor(size: int = SIZE, tokens: int = TOKENS_PER_SIDE**2) -> Gemma3
     """The toy words as a Gemma 3 tokenizer (adds BOS; names its image tokens ``boi_token``,
     ``eoi_token``, ``image_token``, as Gemma 3's does) and ``Gemma3ImageProcessorPil``
     resizing to ``size`` square, with ``tokens`` soft tokens per image."""
-    words = [*build.words(), "user", "model"]
-    core = build_tokenizer(words, SPECIALS, add_bos=True)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core.backend_tokenizer,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<bos>",
-        eos_token="<eos>",
-        extra_special_tokens=dict(IMAGE_TOKENS),
-        padding_side="left",
+    tokenizer = named_tokenizer(
+        [*build.words(), "user", "model"],
+        SPECIALS,
+        IMAGE_TOKENS,
+        add_bos=True,
+        pad="<pad>",
+        bos="<bos>",
+        eos="<eos>",
     )
     image_processor = Gemma3ImageProcessorPil(
         size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
@@ -79,15 +71,7 @@ def tiny_gemma3(seed: int = 0) -> Gemma3VLM:
     global), 2 query heads of 16 sharing one key/value head."""
     processor = tiny_processor()
     tok = processor.tokenizer
-    vision = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=SIZE,
-        patch_size=PATCH,
-        vision_use_head=False,
-    )
+    vision = small_tower(SiglipVisionConfig, SIZE, PATCH, vision_use_head=False)
     text = Gemma3TextConfig(
         vocab_size=len(tok),
         hidden_size=32,
@@ -112,16 +96,20 @@ def tiny_gemma3(seed: int = 0) -> Gemma3VLM:
         eoi_token_index=tok.eoi_token_id,
         image_token_index=tok.image_token_id,
     )
-    config.architectures = ["Gemma3ForConditionalGeneration"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Gemma3ForConditionalGeneration(config)
+
+    def draw_projection(model: Gemma3ForConditionalGeneration) -> None:
         # transformers initialises the projection to zeros (checkpoints overwrite it), which
         # would hide the image from the LM: draw it like the other weights
         projection = model.model.multi_modal_projector.mm_input_projection_weight
         torch.nn.init.normal_(projection.data, std=text.initializer_range)
-    model.eval()
-    gen = model.generation_config
-    gen.pad_token_id, gen.bos_token_id = tok.pad_token_id, tok.bos_token_id
-    gen.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")]
+
+    model = seeded_model(
+        Gemma3ForConditionalGeneration,
+        config,
+        seed,
+        draw_projection,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")],
+    )
     return Gemma3VLM(model, processor, name="tiny-gemma3")

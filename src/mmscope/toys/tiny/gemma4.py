@@ -17,13 +17,12 @@ from transformers import (
     Gemma4ForConditionalGeneration,
     Gemma4TextConfig,
     Gemma4VisionConfig,
-    PreTrainedTokenizerFast,
 )
 from transformers.models.gemma4 import Gemma4ImageProcessorPil
 
 from mmscope.models.gemma4 import Gemma4VLM, ImageOnlyGemma4Processor
 from mmscope.toys import build
-from mmscope.toys.tokenizer import build_tokenizer
+from mmscope.toys.tiny.common import named_tokenizer, seeded_model, turn_template
 
 PATCH, POOL = 4, 2
 #: The image processor's smallest budget (it accepts 70, 140, 280, 560 or 1120).
@@ -56,29 +55,20 @@ SPECIALS: tuple[str, ...] = (
     "<|video|>",
 )
 #: Gemma 4's chat template, cut down: BOS, turns, ``<|image|>`` for each image.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<|turn>"
-    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<|image|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<turn|>\n{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}"
-)
+CHAT_TEMPLATE = turn_template("<|turn>", "<turn|>", "<|image|>", "model", bos=True)
 
 
 def tiny_processor() -> ImageOnlyGemma4Processor:
     """The toy words as a Gemma 4 tokenizer (adds BOS; names its image and audio tokens as
     Gemma 4's does) and ``Gemma4ImageProcessorPil`` (patch 4, pooling 2, 70 soft tokens)."""
-    words = [*build.words(), "user", "model"]
-    core = build_tokenizer(words, SPECIALS, add_bos=True)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core.backend_tokenizer,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<bos>",
-        eos_token="<eos>",
-        extra_special_tokens=dict(IMAGE_TOKENS),
-        padding_side="left",
+    tokenizer = named_tokenizer(
+        [*build.words(), "user", "model"],
+        SPECIALS,
+        IMAGE_TOKENS,
+        add_bos=True,
+        pad="<pad>",
+        bos="<bos>",
+        eos="<eos>",
     )
     image_processor = Gemma4ImageProcessorPil(
         patch_size=PATCH, pooling_kernel_size=POOL, max_soft_tokens=MAX_SOFT_TOKENS
@@ -147,16 +137,20 @@ def tiny_gemma4(seed: int = 0) -> Gemma4VLM:
         eoa_token_index=ids["eoa_token"],
         audio_token_id=ids["audio_token"],
     )
-    config.architectures = ["Gemma4ForConditionalGeneration"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Gemma4ForConditionalGeneration(config)
+
+    def draw_positions(model: Gemma4ForConditionalGeneration) -> None:
         # transformers fills the patch position table with ones (checkpoints overwrite it),
         # which would give every patch the same position embedding: draw it like the rest
         table = model.model.vision_tower.patch_embedder.position_embedding_table
         torch.nn.init.normal_(table.data, std=vision.initializer_range)
-    model.eval()
-    gen = model.generation_config
-    gen.pad_token_id, gen.bos_token_id = tok.pad_token_id, tok.bos_token_id
-    gen.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<turn|>")]
+
+    model = seeded_model(
+        Gemma4ForConditionalGeneration,
+        config,
+        seed,
+        draw_positions,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<turn|>")],
+    )
     return Gemma4VLM(model, processor, name="tiny-gemma4")

@@ -3,18 +3,19 @@
 
 from __future__ import annotations
 
-import torch
 from transformers import (
     AddedToken,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3ImageProcessorPil,
     Idefics3Processor,
+    Idefics3VisionConfig,
     LlamaConfig,
 )
 
 from mmscope.models.idefics3 import Idefics3VLM
 from mmscope.toys import build
+from mmscope.toys.tiny.common import seeded_model, small_lm, small_tower
 from mmscope.toys.tokenizer import build_tokenizer
 
 #: Longest edge every image is resized to, side of a sub-image (the tower's input), patch.
@@ -76,37 +77,20 @@ def tiny_idefics3(seed: int = 0, splitting: bool = True) -> Idefics3VLM:
     processor = tiny_processor(splitting=splitting)
     tok = processor.tokenizer
     eos = tok.convert_tokens_to_ids("<end_of_utterance>")
-    vision = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "image_size": TILE,
-        "patch_size": PATCH,
-    }
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=eos,
-    )
+    vision = small_tower(Idefics3VisionConfig, TILE, PATCH)
+    text = small_lm(LlamaConfig, len(tok), 512, tok.pad_token_id, tok.bos_token_id, eos)
     config = Idefics3Config(
         vision_config=vision,
         text_config=text,
         scale_factor=SCALE,
         image_token_id=processor.image_token_id,
     )
-    config.architectures = ["Idefics3ForConditionalGeneration"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Idefics3ForConditionalGeneration(config)
-    model.eval()
-    gen = model.generation_config
-    gen.pad_token_id, gen.bos_token_id, gen.eos_token_id = tok.pad_token_id, tok.bos_token_id, eos
+    model = seeded_model(
+        Idefics3ForConditionalGeneration,
+        config,
+        seed,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=eos,
+    )
     return Idefics3VLM(model, processor, name="tiny-idefics3")

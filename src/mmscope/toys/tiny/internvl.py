@@ -9,13 +9,18 @@ from transformers import (
     InternVLConfig,
     InternVLForConditionalGeneration,
     InternVLVisionConfig,
-    PreTrainedTokenizerFast,
     Qwen2Config,
 )
 
 from mmscope.models.internvl import ImageOnlyInternVLProcessor, InternVLVLM
 from mmscope.toys import build
-from mmscope.toys.tokenizer import build_tokenizer
+from mmscope.toys.tiny.common import (
+    named_tokenizer,
+    seeded_model,
+    small_lm,
+    small_tower,
+    turn_template,
+)
 
 TILE, PATCH, MAX_TILES = 32, 8, 4
 #: Tokens per tile: (32 / 8)^2 = 16 patches, pixel-shuffled 2x2 -> 4.
@@ -37,13 +42,7 @@ SPECIALS: tuple[str, ...] = (
     *IMAGE_TOKENS.values(),
 )
 #: InternVL's chat template, cut down: Qwen-style turns, "<IMG_CONTEXT>\n" for each image.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<IMG_CONTEXT>\n"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+CHAT_TEMPLATE = turn_template("<|im_start|>", "<|im_end|>", "<IMG_CONTEXT>\n")
 
 
 def tiny_processor(max_tiles: int = MAX_TILES) -> ImageOnlyInternVLProcessor:
@@ -54,15 +53,14 @@ def tiny_processor(max_tiles: int = MAX_TILES) -> ImageOnlyInternVLProcessor:
     With the defaults a 32x32 image is one tile (4 tokens); a 64x32 (w x h) image 2x1 tiles
     and a thumbnail (12 tokens); the contract's 48x48 scenes 2x2 tiles and a thumbnail (20).
     """
-    core = build_tokenizer([*build.words(), "user", "assistant"], SPECIALS, add_bos=False)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core.backend_tokenizer,
-        pad_token="<|endoftext|>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="<|im_end|>",
-        extra_special_tokens=dict(IMAGE_TOKENS),
-        padding_side="left",
+    tokenizer = named_tokenizer(
+        [*build.words(), "user", "assistant"],
+        SPECIALS,
+        IMAGE_TOKENS,
+        add_bos=False,
+        pad="<|endoftext|>",
+        bos="<s>",
+        eos="<|im_end|>",
     )
     image_processor = GotOcr2ImageProcessorPil(
         size={"height": TILE, "width": TILE},
@@ -88,26 +86,8 @@ def tiny_internvl(seed: int = 0) -> InternVLVLM:
     processor = tiny_processor()
     tok = processor.tokenizer
     end = tok.convert_tokens_to_ids("<|im_end|>")
-    vision = InternVLVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=TILE,
-        patch_size=PATCH,
-    )
-    text = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-        eos_token_id=end,
-    )
+    vision = small_tower(InternVLVisionConfig, TILE, PATCH)
+    text = small_lm(Qwen2Config, len(tok), 256, tok.pad_token_id, None, end)
     config = InternVLConfig(
         vision_config=vision,
         text_config=text,
@@ -115,16 +95,21 @@ def tiny_internvl(seed: int = 0) -> InternVLVLM:
         image_seq_length=TOKENS_PER_TILE,
         downsample_ratio=0.5,
     )
-    config.architectures = ["InternVLForConditionalGeneration"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = InternVLForConditionalGeneration(config)
+
+    def draw_embeddings(model: InternVLForConditionalGeneration) -> None:
         # transformers zeroes the class token and position embeddings (checkpoints overwrite
         # them), which would make every patch position alike: draw them like the other weights
         embeddings = model.model.vision_tower.embeddings
         for param in (embeddings.cls_token, embeddings.position_embeddings):
             torch.nn.init.normal_(param.data, std=vision.initializer_range)
-    model.eval()
-    gen = model.generation_config
-    gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = tok.pad_token_id, end, None
+
+    model = seeded_model(
+        InternVLForConditionalGeneration,
+        config,
+        seed,
+        draw_embeddings,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=end,
+        bos_token_id=None,
+    )
     return InternVLVLM(model, processor, name="tiny-internvl")

@@ -7,6 +7,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from mmscope.models.llava import LlavaVLM
 from mmscope.toys import build
+from mmscope.toys.tiny.common import small_lm, small_tower
 
 SIZE, PATCH = 32, 8
 
@@ -15,26 +16,9 @@ def tiny_llava(seed: int = 0) -> LlavaVLM:
     """A seeded random LLaVA with the toy tokenizer and processor, in eval mode."""
     torch.manual_seed(seed)
     tok = build.toy_tokenizer()
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=SIZE,
-        patch_size=PATCH,
-        projection_dim=16,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
+    vision = small_tower(CLIPVisionConfig, SIZE, PATCH, projection_dim=16)
+    text = small_lm(
+        LlamaConfig, len(tok), 128, tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
     )
     config = LlavaConfig(
         vision_config=vision,

@@ -7,7 +7,6 @@ one a row of two and a tall one a column of two: with the base view, a 48x48 ima
 
 from __future__ import annotations
 
-import torch
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -19,6 +18,7 @@ from transformers import (
 
 from mmscope.models.llava_next import LlavaNextVLM
 from mmscope.toys import build
+from mmscope.toys.tiny.common import seeded_model, small_lm, small_tower
 
 SIZE, PATCH = 32, 8
 PINPOINTS = [[32, 32], [32, 64], [64, 32]]
@@ -61,26 +61,9 @@ def tiny_llava_next(
     pinpoints)."""
     processor = tiny_processor(pinpoints, size, patch)
     tok = processor.tokenizer
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=size,
-        patch_size=patch,
-        projection_dim=16,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=context,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
+    vision = small_tower(CLIPVisionConfig, size, patch, projection_dim=16)
+    text = small_lm(
+        LlamaConfig, len(tok), context, tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
     )
     config = LlavaNextConfig(
         vision_config=vision,
@@ -90,11 +73,11 @@ def tiny_llava_next(
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
     )
-    config.architectures = ["LlavaNextForConditionalGeneration"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaNextForConditionalGeneration(config)
-    model.eval()
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
+    model = seeded_model(
+        LlavaNextForConditionalGeneration,
+        config,
+        seed,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     return LlavaNextVLM(model, processor, "tiny-llava-next")

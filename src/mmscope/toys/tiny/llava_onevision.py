@@ -9,7 +9,6 @@ two-tile grid (4x8 kept patches: ratio sqrt(2) > 1.1) to 2x5 cells.
 
 from __future__ import annotations
 
-import torch
 from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
@@ -20,6 +19,7 @@ from transformers import (
 
 from mmscope.models.llava_onevision import ImageOnlyLlavaOnevisionProcessor, LlavaOnevisionVLM
 from mmscope.toys import build
+from mmscope.toys.tiny.common import seeded_model, small_lm, small_tower
 from mmscope.toys.tiny.llava_next import PATCH, PINPOINTS, SIZE
 from mmscope.toys.tokenizer import SPECIALS, build_tokenizer
 
@@ -50,26 +50,9 @@ def tiny_llava_onevision(seed: int = 0, max_tiles: int = 9) -> LlavaOnevisionVLM
     hidden 32, 2 layers, 2 heads; the projector reads the last vision layer."""
     processor = tiny_processor(max_tiles)
     tok = processor.tokenizer
-    vision = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=SIZE,
-        patch_size=PATCH,
-        vision_use_head=False,
-    )
-    text = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
+    vision = small_tower(SiglipVisionConfig, SIZE, PATCH, vision_use_head=False)
+    text = small_lm(
+        Qwen2Config, len(tok), 256, tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
     )
     config = LlavaOnevisionConfig(
         vision_config=vision,
@@ -81,11 +64,11 @@ def tiny_llava_onevision(seed: int = 0, max_tiles: int = 9) -> LlavaOnevisionVLM
         vision_feature_select_strategy="full",
         vision_aspect_ratio=f"anyres_max_{max_tiles}",
     )
-    config.architectures = ["LlavaOnevisionForConditionalGeneration"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaOnevisionForConditionalGeneration(config)
-    model.eval()
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
+    model = seeded_model(
+        LlavaOnevisionForConditionalGeneration,
+        config,
+        seed,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     return LlavaOnevisionVLM(model, processor, "tiny-llava-onevision")

@@ -14,6 +14,7 @@ from transformers import (
 
 from mmscope.models.mllama import MllamaVLM
 from mmscope.toys import build
+from mmscope.toys.tiny.common import seeded_model
 from mmscope.toys.tokenizer import build_tokenizer
 
 TILE, PATCH, MAX_TILES = 32, 8, 2
@@ -108,14 +109,20 @@ def tiny_mllama(seed: int = 0) -> MllamaVLM:
     config = tiny_config(
         len(tok), processor.image_token_id, tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = MllamaForConditionalGeneration(config)
+
+    def open_gates(model: MllamaForConditionalGeneration) -> None:
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name.endswith("gate") or "_gate" in name.rsplit(".", 1)[-1]:
                     param.uniform_(0.5, 1.0)
-    model.eval()
-    gen = model.generation_config
-    gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = tok.pad_token_id, tok.eos_token_id, None
+
+    model = seeded_model(
+        MllamaForConditionalGeneration,
+        config,
+        seed,
+        open_gates,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
     return MllamaVLM(model, processor, name="tiny-mllama")

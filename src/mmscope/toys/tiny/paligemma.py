@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from transformers import (
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
@@ -13,6 +12,7 @@ from transformers import (
 
 from mmscope.models.paligemma import PaliGemmaVLM
 from mmscope.toys import build
+from mmscope.toys.tiny.common import seeded_model, small_tower
 from mmscope.toys.tokenizer import build_tokenizer
 
 SIZE, PATCH = 32, 8
@@ -39,15 +39,7 @@ def tiny_config(vocab_size: int, image_token_id: int, text_model: str = "gemma")
     """SigLIP tower (hidden 32, 2 layers, 2 heads, patch 8) and a Gemma LM (hidden 32, 2
     layers, 2 query heads of 16 sharing one key/value head, as PaliGemma's multi-query
     attention). ``text_model="gemma2"`` gives PaliGemma 2's LM, logits soft-capped at 30."""
-    vision = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=SIZE,
-        patch_size=PATCH,
-        vision_use_head=False,
-    )
+    vision = small_tower(SiglipVisionConfig, SIZE, PATCH, vision_use_head=False)
     text = {
         "model_type": text_model,
         "vocab_size": vocab_size,
@@ -82,10 +74,11 @@ def tiny_paligemma(seed: int = 0, text_model: str = "gemma") -> PaliGemmaVLM:
     tok = processor.tokenizer
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 2, 3)
     config = tiny_config(len(tok), processor.image_token_id, text_model)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = PaliGemmaForConditionalGeneration(config)
-    model.eval()
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
+    model = seeded_model(
+        PaliGemmaForConditionalGeneration,
+        config,
+        seed,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     return PaliGemmaVLM(model, processor, name="tiny-paligemma")

@@ -7,11 +7,17 @@ has cells whose window order differs from the processor's order.
 
 from __future__ import annotations
 
-import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from mmscope.models.qwen2_5_vl import ImageOnlyQwen2_5_VLProcessor, Qwen2_5_VLVLM
-from mmscope.toys.tiny.qwen2_vl import FACTOR, MERGE_SIZE, PATCH_SIZE, QWEN_SPECIALS
+from mmscope.toys.tiny.qwen2_vl import (
+    FACTOR,
+    MERGE_SIZE,
+    PATCH_SIZE,
+    QWEN_SPECIALS,
+    qwen_model,
+    qwen_text,
+)
 from mmscope.toys.tiny.qwen2_vl import tiny_processor as qwen_processor
 
 #: Window side in pixels: 2 merged cells of 28 pixels.
@@ -39,23 +45,7 @@ def tiny_qwen2_5_vl(seed: int = 0) -> Qwen2_5_VLVLM:
     processor = tiny_processor()
     tok = processor.tokenizer
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-    text = {
-        "vocab_size": len(tok),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": [2, 3, 3],
-        },
-        "pad_token_id": tok.pad_token_id,
-        "bos_token_id": None,
-        "eos_token_id": ids["<|im_end|>"],
-    }
+    text = qwen_text(tok, ids, {"mrope_section": [2, 3, 3]}, bos_token_id=None)
     vision = {
         "depth": 2,
         "hidden_size": 32,
@@ -68,19 +58,7 @@ def tiny_qwen2_5_vl(seed: int = 0) -> Qwen2_5_VLVLM:
         "window_size": WINDOW_SIZE,
         "fullatt_block_indexes": [1],
     }
-    config = Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+    model = qwen_model(
+        Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, text, vision, ids, seed
     )
-    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    model.eval()
-    gen = model.generation_config
-    gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = tok.pad_token_id, ids["<|im_end|>"], None
     return Qwen2_5_VLVLM(model, processor, name="tiny-qwen2.5-vl")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-import torch
 from transformers import (
+    PretrainedConfig,
+    PreTrainedModel,
     ProcessorMixin,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
@@ -13,7 +15,10 @@ from transformers import (
 )
 
 from mmscope.models.qwen2_vl import ImageOnlyQwen2VLProcessor, Qwen2VLVLM
+from mmscope.toys.tiny.common import seeded_model, turn_template
 from mmscope.toys.tokenizer import build_tokenizer
+
+M = TypeVar("M", bound=PreTrainedModel)
 
 PATCH_SIZE = 14
 MERGE_SIZE = 2
@@ -39,13 +44,8 @@ WORDS: tuple[str, ...] = tuple(
 )
 #: Qwen-style chat: "<|im_start|>user\n{images}{text}<|im_end|>\n<|im_start|>assistant\n", each
 #: image as "<|vision_start|><|image_pad|><|vision_end|>".
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif part['type'] == 'text' %}"
-    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+CHAT_TEMPLATE = turn_template(
+    "<|im_start|>", "<|im_end|>", "<|vision_start|><|image_pad|><|vision_end|>"
 )
 
 
@@ -73,6 +73,54 @@ def tiny_processor(
     )
 
 
+def qwen_text(tok: Any, ids: dict[str, int], rope: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The LM's config of the tiny Qwen models: hidden 32, MLP 64, 2 layers, 2 heads each with
+    its own key/value head, ``rope`` added to the default rotary parameters, ``<|im_end|>``
+    ending a turn; ``extra`` on top."""
+    return {
+        "vocab_size": len(tok),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, **rope},
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": ids["<|im_end|>"],
+        **extra,
+    }
+
+
+def qwen_model(
+    config_class: Callable[..., PretrainedConfig],
+    model_class: type[M],
+    text: dict[str, Any],
+    vision: dict[str, Any],
+    ids: dict[str, int],
+    seed: int,
+) -> M:
+    """A seeded tiny Qwen-VL model: ``config_class`` of ``text`` and ``vision`` with the vision
+    tokens of ``ids`` (``QWEN_SPECIALS``' ids), generation padding with ``text``'s pad and
+    stopping at ``<|im_end|>``, no BOS."""
+    config = config_class(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    return seeded_model(
+        model_class,
+        config,
+        seed,
+        pad_token_id=text["pad_token_id"],
+        eos_token_id=ids["<|im_end|>"],
+        bos_token_id=None,
+    )
+
+
 def tiny_qwen2_vl(seed: int = 0) -> Qwen2VLVLM:
     """A random-weight tiny ``Qwen2VLForConditionalGeneration`` wrapped in its adapter.
 
@@ -82,23 +130,7 @@ def tiny_qwen2_vl(seed: int = 0) -> Qwen2VLVLM:
     processor = tiny_processor()
     tok = processor.tokenizer
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-    text = {
-        "vocab_size": len(tok),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": [2, 3, 3],
-        },
-        "pad_token_id": tok.pad_token_id,
-        "bos_token_id": None,
-        "eos_token_id": ids["<|im_end|>"],
-    }
+    text = qwen_text(tok, ids, {"mrope_section": [2, 3, 3]}, bos_token_id=None)
     vision = {
         "depth": 2,
         "embed_dim": 32,
@@ -109,19 +141,5 @@ def tiny_qwen2_vl(seed: int = 0) -> Qwen2VLVLM:
         "spatial_merge_size": MERGE_SIZE,
         "temporal_patch_size": 2,
     }
-    config = Qwen2VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
-    config.architectures = ["Qwen2VLForConditionalGeneration"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(config)
-    model.eval()
-    gen = model.generation_config
-    gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = tok.pad_token_id, ids["<|im_end|>"], None
+    model = qwen_model(Qwen2VLConfig, Qwen2VLForConditionalGeneration, text, vision, ids, seed)
     return Qwen2VLVLM(model, processor, name="tiny-qwen2-vl")

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
 from mmscope.models.qwen3_5 import Qwen3_5VLM
-from mmscope.toys.tiny.qwen2_vl import QWEN_SPECIALS
+from mmscope.toys.tiny.qwen2_vl import QWEN_SPECIALS, qwen_model, qwen_text
 from mmscope.toys.tiny.qwen3_vl import PATCH_SIZE, tiny_processor
 
 #: The LM's layer types: softmax, linear (gated delta net), softmax. A linear layer between two
@@ -27,31 +26,20 @@ def tiny_qwen3_5(seed: int = 0) -> Qwen3_5VLM:
     processor = tiny_processor()
     tok = processor.tokenizer
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-    text = {
-        "vocab_size": len(tok),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": len(LAYER_TYPES),
-        "layer_types": list(LAYER_TYPES),
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "linear_num_key_heads": 2,
-        "linear_num_value_heads": 2,
-        "linear_key_head_dim": 16,
-        "linear_value_head_dim": 16,
-        "linear_conv_kernel_dim": 4,
-        "max_position_embeddings": 512,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "partial_rotary_factor": 0.5,
-            "mrope_section": [2, 1, 1],
-            "mrope_interleaved": True,
-        },
-        "pad_token_id": tok.pad_token_id,
-        "eos_token_id": ids["<|im_end|>"],
-    }
+    rope = {"partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+    text = qwen_text(
+        tok,
+        ids,
+        rope,
+        num_hidden_layers=len(LAYER_TYPES),
+        layer_types=list(LAYER_TYPES),
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=2,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_conv_kernel_dim=4,
+    )
     vision = {
         "depth": 2,
         "hidden_size": 32,
@@ -63,19 +51,5 @@ def tiny_qwen3_5(seed: int = 0) -> Qwen3_5VLM:
         "temporal_patch_size": 2,
         "num_position_embeddings": 16,
     }
-    config = Qwen3_5Config(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
-    config.architectures = ["Qwen3_5ForConditionalGeneration"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen3_5ForConditionalGeneration(config)
-    model.eval()
-    gen = model.generation_config
-    gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = tok.pad_token_id, ids["<|im_end|>"], None
+    model = qwen_model(Qwen3_5Config, Qwen3_5ForConditionalGeneration, text, vision, ids, seed)
     return Qwen3_5VLM(model, processor, name="tiny-qwen3.5")

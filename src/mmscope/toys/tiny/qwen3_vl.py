@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from mmscope.models.qwen3_vl import ImageOnlyQwen3VLProcessor, Qwen3VLVLM
-from mmscope.toys.tiny.qwen2_vl import MERGE_SIZE, QWEN_SPECIALS
+from mmscope.toys.tiny.qwen2_vl import MERGE_SIZE, QWEN_SPECIALS, qwen_model, qwen_text
 from mmscope.toys.tiny.qwen2_vl import tiny_processor as qwen_processor
 
 #: Qwen3-VL's patch side: one merged token per 32x32 pixels.
@@ -37,24 +36,8 @@ def tiny_qwen3_vl(seed: int = 0) -> Qwen3VLVLM:
     processor = tiny_processor()
     tok = processor.tokenizer
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-    text = {
-        "vocab_size": len(tok),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "max_position_embeddings": 512,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": [4, 2, 2],
-            "mrope_interleaved": True,
-        },
-        "pad_token_id": tok.pad_token_id,
-        "eos_token_id": ids["<|im_end|>"],
-    }
+    rope = {"mrope_section": [4, 2, 2], "mrope_interleaved": True}
+    text = qwen_text(tok, ids, rope, head_dim=16)
     vision = {
         "depth": 3,
         "hidden_size": 32,
@@ -67,19 +50,5 @@ def tiny_qwen3_vl(seed: int = 0) -> Qwen3VLVLM:
         "num_position_embeddings": 16,
         "deepstack_visual_indexes": [0, 1],
     }
-    config = Qwen3VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
-    config.architectures = ["Qwen3VLForConditionalGeneration"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen3VLForConditionalGeneration(config)
-    model.eval()
-    gen = model.generation_config
-    gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = tok.pad_token_id, ids["<|im_end|>"], None
+    model = qwen_model(Qwen3VLConfig, Qwen3VLForConditionalGeneration, text, vision, ids, seed)
     return Qwen3VLVLM(model, processor, name="tiny-qwen3-vl")

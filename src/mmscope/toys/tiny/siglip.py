@@ -14,6 +14,7 @@ from transformers import (
 
 from mmscope.models.siglip import SiglipVLM
 from mmscope.toys import build
+from mmscope.toys.tiny.common import seeded_model, small_tower
 from mmscope.toys.tokenizer import SPECIALS, build_tokenizer
 
 SIZE, PATCH, TEXT_LENGTH = 32, 8, 24
@@ -50,19 +51,9 @@ def tiny_siglip(seed: int = 0) -> SiglipVLM:
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
-    vision = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=SIZE,
-        patch_size=PATCH,
-    )
+    vision = small_tower(SiglipVisionConfig, SIZE, PATCH)
     config = SiglipConfig(text_config=text.to_dict(), vision_config=vision.to_dict())
-    config.architectures = ["SiglipModel"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = SiglipModel(config).eval()
+    model = seeded_model(SiglipModel, config, seed)
     # SigLIP's init (LeCun patch convolution, Flax embeddings) is large at width 32: a patch or
     # word scaled towards a baseline swings its LayerNorm input through zero within a few
     # per cent of the path, and integrated gradients need hundreds of steps. Smaller input
