@@ -31,7 +31,14 @@ class DecoderVLM(VLM):
 
     @property
     def image_token_id(self) -> int:
-        raise NotImplementedError
+        """The id of the image placeholder the processor expands (the config's
+        ``image_token_id``, named ``image_token_index`` in older configs)."""
+        config = self.model.config
+        found = getattr(config, "image_token_id", None)
+        found = getattr(config, "image_token_index", None) if found is None else found
+        if found is None:
+            raise NotImplementedError(f"{type(config).__name__} names no image token id")
+        return int(found)
 
     def _grids(self, tensors: dict[str, Any], n_images: int) -> list[tuple[int, int]]:
         raise NotImplementedError
@@ -91,30 +98,47 @@ class DecoderVLM(VLM):
         texts, tensors = self._processed(items, prompts)
         flat = [im for imgs in items for im in imgs]
         grids = self._grids(tensors, len(flat)) if flat else []
-        spans, prompt_spans, prompt_tokens = [], [], []
+        spans, all_runs = [], []
         k = 0
         for b, imgs in enumerate(items):
-            ids = tensors["input_ids"][b]
-            runs = self._image_runs(ids)
+            runs = self._image_runs(tensors["input_ids"][b])
             if len(runs) != len(imgs):
                 raise InputError(f"found {len(runs)} image-token runs for {len(imgs)} images")
-            item_spans = []
-            for (start, end), image in zip(runs, imgs):
-                item_spans.append(ImageSpan(start, end, grids[k], "lm", self._crop(image)))
-                k += 1
-            spans.append(tuple(item_spans))
-            pspan, ptoks = prompt_positions(
-                self.tokenizer, texts[b], prompts[b], ids, self.image_token_id, runs
+            spans.append(
+                [
+                    ImageSpan(start, end, grids[k + j], "lm", self._crop(image))
+                    for j, ((start, end), image) in enumerate(zip(runs, imgs))
+                ]
             )
-            prompt_spans.append(pspan)
-            prompt_tokens.append(ptoks)
+            all_runs.append(runs)
+            k += len(imgs)
+        return self._inputs(tensors, items, prompts, spans, texts, all_runs)
+
+    def _inputs(
+        self,
+        tensors: dict[str, Any],
+        items: list[list[Image.Image]],
+        prompts: list[str],
+        spans: list[list[ImageSpan]],
+        texts: list[str],
+        runs: list[list[tuple[int, int]]],
+    ) -> Inputs:
+        """``Inputs`` from the tensors and each item's image spans (views), with each prompt
+        located in its item's text (``texts[b]``, each image placeholder standing for the run
+        of ``runs[b]`` in the same order)."""
+        located = [
+            prompt_positions(
+                self.tokenizer, texts[b], prompts[b], ids, self.image_token_id, runs[b]
+            )
+            for b, ids in enumerate(tensors["input_ids"])
+        ]
         return Inputs(
             tensors=tensors,
             images=tuple(tuple(imgs) for imgs in items),
-            image_spans=tuple(spans),
+            image_spans=tuple(tuple(item) for item in spans),
             prompts=tuple(prompts),
-            prompt_spans=tuple(prompt_spans),
-            prompt_tokens=tuple(prompt_tokens),
+            prompt_spans=tuple(span for span, _ in located),
+            prompt_tokens=tuple(tokens for _, tokens in located),
         )
 
     @torch.no_grad()

@@ -49,7 +49,7 @@ from mmscope.core.registry import register
 from mmscope.models.decoder import DecoderVLM
 from mmscope.models.roles import decoder_lm_roles, layer_lists
 from mmscope.models.siglip_tower import patch_grids, siglip_vision_roles
-from mmscope.models.spans import image_runs, prompt_positions
+from mmscope.models.spans import image_runs
 
 _VISION_ROLES, _VISION_LISTS = siglip_vision_roles("model.vision_model")
 FALLBACK = "User:{images}{prompt}<end_of_utterance>\nAssistant:"
@@ -76,10 +76,6 @@ class Idefics3VLM(DecoderVLM):
     }
     LAYER_LISTS = layer_lists(ROLES)
     CAM_SITE = "vision.layer[-2]"
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
 
     @property
     def patches_per_side(self) -> int:
@@ -198,33 +194,19 @@ class Idefics3VLM(DecoderVLM):
         items, prompts = self._batch(images, prompt)
         tiles = [[self._check(im) for im in imgs] for imgs in items]
         texts, tensors = self._processed(items, prompts)
-        spans, prompt_spans, prompt_tokens, frames = [], [], [], []
-        for b, imgs in enumerate(items):
-            ids = tensors["input_ids"][b]
-            item_spans = self._spans(ids, imgs, tiles[b])
-            spans.append(tuple(item_spans))
-            if item_spans:
-                frames.append(b)
-            parts = texts[b].split(self._placeholder())
-            collapsed = parts[0] + "".join(
-                self._one_image(*t) + part for t, part in zip(tiles[b], parts[1:])
+        ids = tensors["input_ids"]
+        spans = [self._spans(ids[b], imgs, tiles[b]) for b, imgs in enumerate(items)]
+        collapsed = []  # each item's text with one placeholder per view, as the runs are
+        for b, text in enumerate(texts):
+            parts = text.split(self._placeholder())
+            collapsed.append(
+                parts[0] + "".join(self._one_image(*t) + p for t, p in zip(tiles[b], parts[1:]))
             )
-            runs = [(s.start, s.end) for s in item_spans]
-            pspan, ptoks = prompt_positions(
-                self.tokenizer, collapsed, prompts[b], ids, self.image_token_id, runs
-            )
-            prompt_spans.append(pspan)
-            prompt_tokens.append(ptoks)
+        runs = [[(s.start, s.end) for s in item] for item in spans]
+        frames = [b for b, item in enumerate(spans) if item]
         if "pixel_values" in tensors:
             tensors.update(self._per_view(tensors, [len(spans[b]) for b in frames], frames))
-        return Inputs(
-            tensors=tensors,
-            images=tuple(tuple(imgs) for imgs in items),
-            image_spans=tuple(spans),
-            prompts=tuple(prompts),
-            prompt_spans=tuple(prompt_spans),
-            prompt_tokens=tuple(prompt_tokens),
-        )
+        return self._inputs(tensors, items, prompts, spans, collapsed, runs)
 
     def _spans(
         self, ids: torch.Tensor, images: Sequence[Image.Image], tiles: Sequence[tuple[int, int]]

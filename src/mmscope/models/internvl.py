@@ -138,10 +138,6 @@ class InternVLVLM(DecoderVLM):
         read = layer - 1 if layer >= 0 else n + layer  # hidden_states[0] is the embeddings
         return f"vision.layer[{read - 1}]" if read > 0 else "vision.embed"
 
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
     @classmethod
     def load_processor(cls, source: Any, trust_remote_code: bool = False) -> Any:
         """The image-only processor: the stock one needs torchvision for its video half."""

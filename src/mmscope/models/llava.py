@@ -35,10 +35,6 @@ class LlavaVLM(DecoderVLM):
             return f"vision.layer[{layer - 1}]" if layer > 0 else "vision.embed"
         return f"vision.layer[{layer}]"
 
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
     def _grids(self, tensors: dict[str, Any], n_images: int) -> list[tuple[int, int]]:
         height, width = tensors["pixel_values"].shape[-2:]
         patch = self.model.config.vision_config.patch_size

@@ -33,7 +33,7 @@ from mmscope.core.inputs import ImageSpan, Inputs
 from mmscope.core.registry import register
 from mmscope.models import anyres
 from mmscope.models.llava import LlavaVLM
-from mmscope.models.spans import image_runs, prompt_positions
+from mmscope.models.spans import image_runs
 
 
 def used_rows(pixel_values: torch.Tensor, layouts: list[anyres.Layout]) -> torch.Tensor:
@@ -123,32 +123,21 @@ class LlavaNextVLM(LlavaVLM):
         if flat:
             self._check_tiles(tensors, layouts)
             tensors["pixel_values"] = used_rows(tensors["pixel_values"], layouts)
-        spans, prompt_spans, prompt_tokens = [], [], []
+        spans, all_runs = [], []
         k = 0
         for b, imgs in enumerate(items):
-            ids = tensors["input_ids"][b]
             mine = layouts[k : k + len(imgs)]
             runs = anyres.split_runs(
-                image_runs(ids, self.image_token_id), [lay.length for lay in mine]
+                image_runs(tensors["input_ids"][b], self.image_token_id),
+                [lay.length for lay in mine],
             )
             views: list[ImageSpan] = []
             for j, ((start, _), lay) in enumerate(zip(runs, mine)):
                 views.extend(lay.views(start, j))
-            spans.append(tuple(views))
-            pspan, ptoks = prompt_positions(
-                self.tokenizer, texts[b], prompts[b], ids, self.image_token_id, runs
-            )
-            prompt_spans.append(pspan)
-            prompt_tokens.append(ptoks)
+            spans.append(views)
+            all_runs.append(runs)
             k += len(imgs)
-        return Inputs(
-            tensors=tensors,
-            images=tuple(tuple(imgs) for imgs in items),
-            image_spans=tuple(spans),
-            prompts=tuple(prompts),
-            prompt_spans=tuple(prompt_spans),
-            prompt_tokens=tuple(prompt_tokens),
-        )
+        return self._inputs(tensors, items, prompts, spans, texts, all_runs)
 
     # ----- what attribution methods reach, per view ---------------------------------------
     def _rows(self, value: torch.Tensor, inputs: Inputs, what: str) -> list[anyres.Layout]:

@@ -130,10 +130,6 @@ class MllamaVLM(DecoderVLM):
     EXTEND_REPEAT: ClassVar[tuple[str, ...]] = ("cross_attention_mask",)
 
     @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
-    @property
     def cross_attention_layers(self) -> tuple[int, ...]:
         """The LM layers that cross-attend to the image."""
         return tuple(int(i) for i in self.model.config.text_config.cross_attention_layers)

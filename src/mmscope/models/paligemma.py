@@ -61,10 +61,6 @@ class PaliGemmaVLM(DecoderVLM):
     EXTEND_FILL: ClassVar[dict[str, int]] = {"token_type_ids": 1}
 
     @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
-    @property
     def patches_per_side(self) -> int:
         """Patches along each side of the (square) image the vision tower reads."""
         vision = self.model.config.vision_config

@@ -97,10 +97,6 @@ class Qwen2VLVLM(DecoderVLM):
     CAM_SITE = "vision.layer[-2]"
 
     @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
-    @property
     def merge_size(self) -> int:
         return int(self.model.config.vision_config.spatial_merge_size)
 
